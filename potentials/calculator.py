@@ -1,0 +1,101 @@
+"""ASE calculator for any trained checkpoint.
+
+    from potentials import PotentialCalculator
+    atoms.calc = PotentialCalculator.from_checkpoint("runs/demo/checkpoints/last.ckpt", device="cpu")
+
+Returns ``energy``/``free_energy`` (eV), ``forces`` (eV/Å) and, for periodic cells, ``stress``
+(eV/Å³, ASE sign, Voigt order xx yy zz yz xz xy).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+
+from potentials.data.neighbors import atoms_to_graph
+from potentials.errors import PotentialsError
+from potentials.models import DTYPES, build_model, energy_forces_stress
+
+# Options that change how a model computes, never which weights it has.
+INFERENCE_OVERRIDES = ("tp", "dtype")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``scripts/train.py`` (clear errors for missing/corrupt files)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PotentialsError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated or not a torch file
+        raise PotentialsError(f"checkpoint {path!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "model_cfg" not in hp or "stats" not in hp or "state_dict" not in ckpt:
+        raise PotentialsError(f"checkpoint {path!r} was not written by potentials (no model_cfg/stats/state_dict)")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | os.PathLike, device="cpu", **overrides) -> torch.nn.Module:
+    """Rebuild the model of a checkpoint (EMA weights when EMA was used) in eval mode.
+
+    ``overrides`` may set options that do not change the weights: ``tp`` (tensor-product engine; only
+    between engines with the same parameterisation) and ``dtype`` (``float32``/``float64``).
+    """
+    ckpt = load_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    model_cfg = dict(hp["model_cfg"])
+    for key, value in overrides.items():
+        if key not in INFERENCE_OVERRIDES:
+            raise PotentialsError(
+                f"cannot override {key!r} at inference (allowed: {list(INFERENCE_OVERRIDES)}): it would change the weights"
+            )
+        if key == "dtype" and value not in DTYPES:
+            raise PotentialsError(f"dtype must be one of {sorted(DTYPES)}, got {value!r}")
+        model_cfg[key] = value
+    model = build_model(model_cfg, hp["stats"])
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PotentialsError(
+            f"checkpoint {os.fspath(path)!r}: weights do not fit the model built with overrides {overrides}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return model.to(device).eval()
+
+
+class PotentialCalculator(Calculator):
+    """ASE calculator wrapping a ``potentials`` model."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, model: torch.nn.Module, device="cpu", **kwargs):
+        super().__init__(**kwargs)
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.r_max = float(model.r_max)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device="cpu", **overrides) -> "PotentialCalculator":
+        """Load a checkpoint in one line; ``overrides`` as in :func:`model_from_checkpoint`."""
+        return cls(model_from_checkpoint(path, device=device, **overrides), device=device)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        periodic = bool(np.any(self.atoms.pbc))
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress is only defined for periodic cells (pbc has no True)")
+        graph = atoms_to_graph(self.atoms, self.r_max, where="calculator input", require_edges=False)
+        graph["batch"] = torch.zeros(len(self.atoms), dtype=torch.long)
+        graph = graph.to(self.device)
+        out = energy_forces_stress(self.model, graph, forces=True, stress=periodic)
+        energy = float(out["energy"].detach().cpu()[0])
+        self.results["energy"] = self.results["free_energy"] = energy
+        self.results["forces"] = out["forces"].detach().cpu().to(torch.float64).numpy()
+        if periodic:
+            s = out["stress"].detach().cpu().to(torch.float64).numpy()[0]
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

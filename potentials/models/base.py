@@ -1,0 +1,54 @@
+"""What every model shares: the element table, isolated-atom energies and the edge geometry.
+
+A model maps an :class:`~potentials.data.graph.AtomicGraph` to one total energy per structure
+(eV, [B]). Forces and stress are never model outputs: :mod:`potentials.models.derivatives` takes them
+from the energy by autograd, for every model alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from potentials.data.graph import AtomicGraph
+from potentials.errors import PotentialsError
+
+try:  # ase is a hard dependency, but keep the import local to this helper
+    from ase.data import chemical_symbols
+except ImportError:  # pragma: no cover
+    chemical_symbols = [str(i) for i in range(119)]
+
+
+class PotentialModel(torch.nn.Module):
+    """Base class: element table ``atomic_numbers`` and isolated-atom energies ``e0s`` (eV, float64)."""
+
+    def __init__(self, atomic_numbers: list[int], e0s: dict[int, float] | None = None):
+        super().__init__()
+        self.atomic_numbers = [int(z) for z in atomic_numbers]
+        table = torch.full((119,), -1, dtype=torch.long)
+        table[torch.tensor(self.atomic_numbers)] = torch.arange(len(self.atomic_numbers))
+        self.register_buffer("z_to_index", table, persistent=False)
+        e0 = torch.tensor([float((e0s or {}).get(z, 0.0)) for z in self.atomic_numbers], dtype=torch.float64)
+        self.register_buffer("e0s", e0)
+
+    @property
+    def num_elements(self) -> int:
+        return len(self.atomic_numbers)
+
+    def species(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Atomic numbers [n] → element indices [n]; unknown elements raise :class:`PotentialsError`."""
+        idx = self.z_to_index[numbers]
+        if bool((idx < 0).any()):
+            unknown = sorted({int(z) for z in numbers[idx < 0].tolist()})
+            names = [chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in unknown]
+            known = [chemical_symbols[z] for z in self.atomic_numbers]
+            raise PotentialsError(f"element(s) {names} not in the model's element table {known}")
+        return idx
+
+
+def edge_vectors(graph: AtomicGraph) -> torch.Tensor:
+    """r_ij = x_j − x_i + S_ij · cell [E, 3] (Å), in the dtype of ``positions``."""
+    pos, cell = graph["positions"], graph["cell"]
+    centre, neighbour = graph["edge_index"][0], graph["edge_index"][1]
+    graph_of_edge = graph["batch"][centre]
+    shift = torch.einsum("ek,ekl->el", graph["shifts"].to(pos.dtype), cell[graph_of_edge].to(pos.dtype))
+    return pos[neighbour] - pos[centre] + shift

@@ -1,0 +1,128 @@
+"""MACE building blocks, one physical step each: embedding, interaction (edge product + aggregation),
+product basis (many-body), readouts, per-element scale/shift.
+
+The tensor products are supplied by an :class:`~potentials.nn.tp.base.Engine`; nothing here depends on
+which back end is used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from e3nn import nn as enn
+from e3nn import o3
+
+from potentials.nn.tp.base import Engine
+
+
+def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
+    """Sum rows of ``src`` [E, ...] into ``dim_size`` bins given by ``index`` [E]."""
+    out = torch.zeros((dim_size, *src.shape[1:]), dtype=src.dtype, device=src.device)
+    return out.index_add_(0, index, src)
+
+
+class LinearNodeEmbedding(torch.nn.Module):
+    """One-hot species [n, num_elements] → C x 0e node features."""
+
+    def __init__(self, num_elements: int, irreps_out: o3.Irreps):
+        super().__init__()
+        self.linear = o3.Linear(o3.Irreps(f"{num_elements}x0e"), irreps_out)
+
+    def forward(self, one_hot: torch.Tensor) -> torch.Tensor:
+        return self.linear(one_hot)
+
+
+class InteractionBlock(torch.nn.Module):
+    """MACE interaction (``RealAgnosticResidualInteractionBlock``).
+
+    ``A_i = Linear( Σ_{j∈N(i)} TP(Linear(h_j), Y(r̂_ij); R(r_ij)) ) / avg_num_neighbors`` with irreps
+    ``irreps_target`` (= C x edge-SH irreps), and a residual ``sc = h_i ⊗ onehot(z_i)`` → ``irreps_hidden``.
+
+    Inputs: node_feats [n, irreps_node.dim], one_hot [n, num_elements], edge_attrs [E, irreps_sh.dim],
+    edge_feats [E, num_basis], edge_index [2, E] (centre i, neighbour j). Returns (A [n, target.dim],
+    sc [n, hidden.dim]).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        irreps_node: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        irreps_target: o3.Irreps,
+        irreps_hidden: o3.Irreps,
+        num_elements: int,
+        make_radial: Callable[[int], torch.nn.Module],
+        avg_num_neighbors: float,
+    ):
+        super().__init__()
+        self.irreps_node, self.irreps_target = o3.Irreps(irreps_node), o3.Irreps(irreps_target)
+        self.linear_up = o3.Linear(self.irreps_node, self.irreps_node)
+        self.tp = engine.edge_tp(self.irreps_node, irreps_sh, self.irreps_target)
+        self.radial = make_radial(self.tp.weight_numel)
+        self.linear = o3.Linear(self.tp.irreps_out, self.irreps_target)
+        self.skip = o3.FullyConnectedTensorProduct(
+            self.irreps_node, o3.Irreps(f"{num_elements}x0e"), o3.Irreps(irreps_hidden)
+        )
+        self.avg_num_neighbors = float(avg_num_neighbors)
+
+    def forward(self, node_feats, one_hot, edge_attrs, edge_feats, edge_index):
+        sc = self.skip(node_feats, one_hot)
+        h = self.linear_up(node_feats)
+        centre, neighbour = edge_index[0], edge_index[1]
+        messages = self.tp(h[neighbour], edge_attrs, self.radial(edge_feats))
+        a = scatter_sum(messages, centre, node_feats.shape[0]) / self.avg_num_neighbors
+        return self.linear(a), sc
+
+
+class ProductBlock(torch.nn.Module):
+    """Many-body product basis through the engine, then a Linear, plus the interaction's residual."""
+
+    def __init__(self, engine: Engine, irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int, num_elements: int):
+        super().__init__()
+        self.product = engine.product_basis(o3.Irreps(irreps_in), o3.Irreps(irreps_out), correlation, num_elements)
+        self.linear = o3.Linear(o3.Irreps(irreps_out), o3.Irreps(irreps_out))
+
+    def forward(self, a: torch.Tensor, species: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
+        out = self.linear(self.product(a, species))
+        return out if sc is None else out + sc
+
+
+class LinearReadout(torch.nn.Module):
+    """Scalars of the node features → one energy per atom [n, 1]."""
+
+    def __init__(self, irreps_in: o3.Irreps):
+        super().__init__()
+        self.linear = o3.Linear(o3.Irreps(irreps_in), o3.Irreps("0e"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class NonLinearReadout(torch.nn.Module):
+    """Last-layer readout: Linear → gated scalars (SiLU) → Linear → energy per atom [n, 1]."""
+
+    def __init__(self, irreps_in: o3.Irreps, hidden: int = 16):
+        super().__init__()
+        mid = o3.Irreps(f"{hidden}x0e")
+        self.linear_1 = o3.Linear(o3.Irreps(irreps_in), mid)
+        self.act = enn.Activation(mid, [torch.nn.functional.silu])
+        self.linear_2 = o3.Linear(mid, o3.Irreps("0e"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ScaleShift(torch.nn.Module):
+    """Per-element affine map of atomic energies: E_i ← scale[z_i] · E_i + shift[z_i] (eV).
+
+    Initialised from dataset statistics (force RMS, mean interaction energy per atom); stored in float64.
+    """
+
+    def __init__(self, num_elements: int, scale: float = 1.0, shift: float = 0.0):
+        super().__init__()
+        self.register_buffer("scale", torch.full((num_elements,), float(scale), dtype=torch.float64))
+        self.register_buffer("shift", torch.full((num_elements,), float(shift), dtype=torch.float64))
+
+    def forward(self, energy: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        return self.scale[species].to(energy.dtype) * energy + self.shift[species].to(energy.dtype)

@@ -1,0 +1,118 @@
+"""The tensor-product engine interface.
+
+The model code never builds a tensor product itself: it asks an *engine* (chosen by name with
+``model.tp=<name>``) for the two equivariant products a MACE-style layer needs:
+
+* :meth:`Engine.edge_tp` — the interaction's edge product
+  ``m_ij = h_j ⊗ Y(r̂_ij)`` with per-edge weights produced by the radial network
+  (``weight_numel`` numbers per edge); its output irreps are the engine's choice and are mixed to the
+  target irreps by a ``Linear`` in the interaction block.
+* :meth:`Engine.product_basis` — the many-body product ``B = Σ_ν W_z^{(ν)} · (A ⊗ … ⊗ A)_ν``
+  (correlation order ν ≤ ``correlation``), with element-dependent weights.
+
+An engine is registered with :func:`register_engine` and looked up with :func:`get_engine`; adding a
+back end is one file plus the decorator — no model code changes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from e3nn import o3
+
+from potentials.errors import PotentialsError
+
+
+class EdgeTensorProduct(torch.nn.Module):
+    """Weighted product of node features with edge spherical harmonics.
+
+    Shapes: ``x`` [E, irreps_in1.dim], ``y`` [E, irreps_in2.dim], ``weight`` [E, weight_numel]
+    → [E, irreps_out.dim]. Subclasses set ``irreps_in1``, ``irreps_in2``, ``irreps_out`` and
+    ``weight_numel``.
+    """
+
+    irreps_in1: o3.Irreps
+    irreps_in2: o3.Irreps
+    irreps_out: o3.Irreps
+    weight_numel: int
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ProductBasis(torch.nn.Module):
+    """Many-body product basis.
+
+    Shapes: ``a`` [n, irreps_in.dim] with ``irreps_in = C x (l=0..L_A irreps)`` (all multiplicities equal),
+    ``species`` [n] long element indices in ``[0, num_elements)`` → [n, irreps_out.dim].
+    The products are channel-wise: channel c of the output only sees channel c of the input.
+    """
+
+    irreps_in: o3.Irreps
+    irreps_out: o3.Irreps
+
+    def forward(self, a: torch.Tensor, species: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Engine:
+    """A named tensor-product back end: a factory of the two products above."""
+
+    name: str = ""
+
+    def edge_tp(self, irreps_node: o3.Irreps, irreps_sh: o3.Irreps, irreps_target: o3.Irreps) -> EdgeTensorProduct:
+        raise NotImplementedError
+
+    def product_basis(
+        self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int, num_elements: int
+    ) -> ProductBasis:
+        raise NotImplementedError
+
+
+_ENGINES: dict[str, Callable[[], Engine]] = {}
+
+
+def register_engine(name: str):
+    """Class decorator: make an :class:`Engine` subclass available as ``model.tp=<name>``."""
+
+    def deco(cls):
+        cls.name = name
+        _ENGINES[name] = cls
+        return cls
+
+    return deco
+
+
+def available_engines() -> list[str]:
+    return sorted(_ENGINES)
+
+
+def get_engine(name: str) -> Engine:
+    if name not in _ENGINES:
+        raise PotentialsError(f"unknown tensor-product engine model.tp={name!r}; available: {available_engines()}")
+    return _ENGINES[name]()
+
+
+def channels_of(irreps: o3.Irreps) -> int:
+    """The common multiplicity of ``irreps`` (raises if the multiplicities differ)."""
+    muls = {mul for mul, _ in o3.Irreps(irreps)}
+    if len(muls) != 1:
+        raise PotentialsError(f"irreps {irreps} must have one common multiplicity, got {sorted(muls)}")
+    return muls.pop()
+
+
+def to_channels_last(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
+    """e3nn layout ``C x (ir_1 + ir_2 + ...)`` [n, dim] → [n, C, Σ(2l+1)] (per channel, irreps concatenated)."""
+    c = channels_of(irreps)
+    blocks = [x[:, s].reshape(x.shape[0], c, ir.dim) for s, (_, ir) in zip(irreps.slices(), irreps)]
+    return torch.cat(blocks, dim=-1)
+
+
+def from_channels_last(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
+    """Inverse of :func:`to_channels_last`: [n, C, Σ(2l+1)] → e3nn layout [n, dim]."""
+    out, start = [], 0
+    for _, ir in irreps:
+        out.append(x[:, :, start:start + ir.dim].reshape(x.shape[0], -1))
+        start += ir.dim
+    return torch.cat(out, dim=-1)

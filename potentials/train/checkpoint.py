@@ -1,0 +1,45 @@
+"""Checkpoint files: atomic writes (temp file + rename) and the resume resolver."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O whose saves are atomic."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+def resume_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``last.ckpt`` in ``checkpoint_dir`` if it exists, else None."""
+    last = Path(checkpoint_dir) / "last.ckpt"
+    return last if last.is_file() else None

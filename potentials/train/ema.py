@@ -1,0 +1,32 @@
+"""Exponential moving average of the weights: Lightning's ``EMAWeightAveraging``, made safe for e3nn.
+
+Lightning swaps/copies weights between the model and its averaged deep copy by *position* in
+``parameters()`` + ``buffers()``. Deep-copying e3nn's code-generated (torch.fx) tensor products registers
+graph constants as extra buffers (``_tensor_constant0``), which shifts those positions. After the copy is
+made we turn such extra buffers back into plain attributes so both tensor lists line up again.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+
+class EMA(EMAWeightAveraging):
+    """EMA of parameters and buffers (``decay`` per optimizer step); validation and checkpoints use it."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._average_model is None:
+            return
+        wanted = {name for name, _ in pl_module.named_buffers()}
+        copy = self._average_model.module
+        for name, _ in list(copy.named_buffers()):
+            if name not in wanted:
+                owner_name, _, leaf = name.rpartition(".")
+                owner = copy.get_submodule(owner_name)
+                tensor = owner._buffers.pop(leaf)
+                object.__setattr__(owner, leaf, tensor)
+        current = [t.shape for t in pl_module.parameters()] + [t.shape for t in pl_module.buffers()]
+        averaged = [t.shape for t in copy.parameters()] + [t.shape for t in copy.buffers()]
+        if current != averaged:  # pragma: no cover - would silently corrupt the EMA otherwise
+            raise RuntimeError("EMA copy of the model does not line up with the model; cannot average weights")

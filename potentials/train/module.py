@@ -1,0 +1,99 @@
+"""The LightningModule: any model (graph → energy) + derivatives + weighted loss + metrics + optimiser.
+
+It knows nothing about a particular architecture: the model is rebuilt from ``model_cfg`` and
+``stats`` (both saved as hyper-parameters, so a checkpoint alone reconstructs the model).
+EMA of the weights is Lightning's ``EMAWeightAveraging`` callback (added by the training script); with it,
+validation and saved checkpoints use the averaged weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from potentials.data.graph import AtomicGraph
+from potentials.errors import PotentialsError
+from potentials.models import build_model, energy_forces_stress
+from potentials.train.loss import ErrorAccumulator, WeightedLoss
+
+
+class PotentialModule(pl.LightningModule):
+    """Training wrapper.
+
+    Args:
+        model_cfg: model config (``name``, ``dtype``, architecture options).
+        stats: dataset statistics (``atomic_numbers``, ``e0s``, ``avg_num_neighbors``, ``scale``, ``shift``).
+        loss: loss weights ``{energy, forces, stress}``.
+        optim: ``{name: adam|adamw, lr, weight_decay, amsgrad}``.
+        scheduler: ``{name: plateau|cosine|none, ...}``; cosine needs ``t_max`` (epochs).
+    """
+
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        stats: dict[str, Any],
+        loss: dict[str, float] | None = None,
+        optim: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model_cfg, stats)
+        self.loss_fn = WeightedLoss(**(loss or {}))
+        self.optim_cfg = {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "amsgrad": True, **(optim or {})}
+        self.sched_cfg = {"name": "plateau", "factor": 0.8, "patience": 5, **(scheduler or {})}
+        self.want_stress = (loss or {}).get("stress", 0.0) > 0
+        self.metrics = {"train": ErrorAccumulator(), "val": ErrorAccumulator()}
+
+    def forward(self, graph: AtomicGraph, training: bool = False) -> dict[str, torch.Tensor]:
+        stress = self.want_stress or ("stress" in graph and bool((graph["stress_weight"] > 0).any()))
+        return energy_forces_stress(self.model, graph, forces=True, stress=stress, training=training)
+
+    def _step(self, graph: AtomicGraph, stage: str) -> torch.Tensor:
+        pred = self(graph, training=stage == "train")
+        loss = self.loss_fn(pred, graph)
+        self.metrics[stage].update(pred, graph)
+        self.log(f"{stage}_loss", loss.detach(), batch_size=graph.num_graphs, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, graph: AtomicGraph, batch_idx: int) -> torch.Tensor:
+        return self._step(graph, "train")
+
+    def validation_step(self, graph: AtomicGraph, batch_idx: int) -> None:
+        with torch.enable_grad():
+            self._step(graph, "val")
+
+    def _log_metrics(self, stage: str) -> None:
+        for key, value in self.metrics[stage].compute().items():
+            self.log(f"{stage}_{key}", value, prog_bar=key == "forces_rmse" and stage == "val")
+        self.metrics[stage].reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def configure_optimizers(self):
+        cfg = dict(self.optim_cfg)
+        name = cfg.pop("name").lower()
+        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        if name not in classes:
+            raise PotentialsError(f"unknown optim.name={name!r}; available: {sorted(classes)}")
+        optimizer = classes[name](self.parameters(), **cfg)
+        sched = dict(self.sched_cfg)
+        kind = sched.pop("name").lower()
+        if kind == "none":
+            return optimizer
+        if kind == "plateau":
+            s = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, factor=sched.get("factor", 0.8), patience=sched.get("patience", 5)
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": s, "monitor": "val_loss", "interval": "epoch"}}
+        if kind == "cosine":
+            t_max = sched.get("t_max") or (self.trainer.max_epochs if self.trainer and self.trainer.max_epochs > 0 else 100)
+            s = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=sched.get("eta_min", 0.0))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+        raise PotentialsError(f"unknown scheduler.name={kind!r}; available: ['plateau', 'cosine', 'none']")
