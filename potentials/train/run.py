@@ -118,7 +118,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     ]
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=float(cfg.ema.decay)))
-    trainer_kwargs = _container(cfg.trainer)
+    trainer_kwargs = {k: v for k, v in _container(cfg.trainer).items() if v is not None}
     try:
         trainer = pl.Trainer(
             **trainer_kwargs,
