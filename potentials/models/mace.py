@@ -13,6 +13,7 @@ from e3nn import o3
 
 from potentials.data.graph import AtomicGraph
 from potentials.models.base import PotentialModel, edge_vectors
+from potentials.models.precision import backbone_autocast
 from potentials.nn.blocks import (
     InteractionBlock,
     LinearNodeEmbedding,
@@ -79,7 +80,9 @@ class MACE(PotentialModel):
         )
         irreps_sh = self.sh.irreps_out
         self.radial_embedding = RadialEmbedding(r_max, num_bessel, cutoff_p)
-        make_radial = make_radial_factory(radial, self.radial_embedding.out_dim, list(radial_hidden), **radial_options)
+        make_radial = make_radial_factory(
+            radial, self.radial_embedding.out_dim, list(radial_hidden), r_max=r_max, cutoff_p=cutoff_p, **radial_options
+        )
         irreps_target = o3.Irreps([(channels, ir) for _, ir in irreps_sh])
         hidden = natural_irreps(channels, max_L)
         self.embedding = LinearNodeEmbedding(n_el, natural_irreps(channels, 0))
@@ -113,7 +116,7 @@ class MACE(PotentialModel):
         node_feats = self.embedding(one_hot)
         node_energy = torch.zeros((species.shape[0], 1), dtype=dtype, device=species.device)
         for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
-            a, sc = interaction(node_feats, one_hot, edge_attrs, edge_feats, edge_index)
+            a, sc = interaction(node_feats, one_hot, edge_attrs, edge_feats, edge_index, lengths)
             node_feats = product(a, species, sc)
             node_energy = node_energy + readout(node_feats)
         atom_energy = self.scale_shift(node_energy.squeeze(-1), species).to(torch.float64) + self.e0s[species]

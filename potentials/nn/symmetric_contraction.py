@@ -11,8 +11,9 @@ any permutation of ``k1..kν``. Channels are never mixed.
 The ``U`` tensors are built here in float64 (no e3nn ``ReducedTensorProducts``, which works in the default
 dtype): the degree-ν basis is spanned by the (ν-1) basis coupled with one more input irrep through
 ``o3.wigner_3j`` and symmetrised over the ν slots; a deterministic Gram–Schmidt (fixed candidate order, no
-SVD) turns the candidates into an orthogonal basis, so the same ``U`` is obtained on every machine and a
-checkpoint's weights keep their meaning.
+SVD) turns the candidates into an orthogonal basis, so the same ``U`` is obtained on every machine (the
+compressed ``U`` are also persistent buffers, so a checkpoint carries the basis its weights were trained with).
+The basis of an output irrep does not depend on which other output irreps are requested.
 
 Evaluation uses the symmetry of ``U``: ``Σ_{k1..kν} U[k] Π A_{k_i} = Σ_{k1≤…≤kν} mult(k) U[k] Π A_{k_i}``, so
 the degree-ν monomials of ``A`` (``C(d+ν-1, ν)`` per channel, built recursively from the degree ν-1 ones) are
@@ -26,6 +27,7 @@ import contextlib
 import functools
 import itertools
 import math
+import operator
 
 import torch
 from e3nn import o3
@@ -33,8 +35,8 @@ from e3nn import o3
 from potentials.errors import PotentialsError
 
 # A candidate (unit norm before symmetrisation) whose component orthogonal to the current basis has a norm
-# below this is taken as linearly dependent (or as killed by the symmetrisation). Dependent candidates leave ~1e-15 residuals,
-# independent ones O(1e-2..1): the gap is wide.
+# below this is taken as linearly dependent (or as killed by the symmetrisation). Dependent candidates leave
+# ~1e-15 residuals, independent ones O(1e-2..1): the gap is wide.
 _RANK_TOL = 1e-8
 
 
@@ -193,8 +195,13 @@ class SymmetricContraction(torch.nn.Module):
     def __init__(self, irreps_in, irreps_out, correlation: int, num_elements: int):
         super().__init__()
         irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
-        if not isinstance(correlation, int) or correlation < 1:
+        try:
+            corr = operator.index(correlation)
+        except TypeError:
+            corr = 0
+        if corr < 1:
             raise PotentialsError(f"symmetric contraction: correlation must be an integer >= 1, got {correlation!r}")
+        correlation = corr
         if num_elements < 1:
             raise PotentialsError(f"symmetric contraction: num_elements must be >= 1, got {num_elements}")
         if len(irreps_in) == 0 or len(irreps_out) == 0:
@@ -267,6 +274,8 @@ class SymmetricContraction(torch.nn.Module):
 
     def forward(self, a: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         n = a.shape[0]
+        if n == 0:  # from_channels_last cannot reshape an empty batch
+            return a.new_zeros(0, self.irreps_out.dim)
         x = to_channels_last(a, self.irreps_in)  # [n, C, d]
         feats: dict[o3.Irrep, list[torch.Tensor]] = {ir: [] for ir in self.distinct}
         mono = x

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes (temp file + rename) and the resume resolver."""
+"""Checkpoint files: atomic writes (temp file + rename); the resume resolver is in ``cluster.py``."""
 
 from __future__ import annotations
 
@@ -37,9 +37,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         atomic_torch_save(checkpoint, path)
-
-
-def resume_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: ``last.ckpt`` in ``checkpoint_dir`` if it exists, else None."""
-    last = Path(checkpoint_dir) / "last.ckpt"
-    return last if last.is_file() else None

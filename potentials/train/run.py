@@ -4,12 +4,16 @@ metrics CSV and parity plot in the run directory. Rerunning with the same run di
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 from potentials.calculator import load_checkpoint, model_from_checkpoint
 from potentials.data.demo import ensure_demo_data
 from potentials.errors import PotentialsError
-from potentials.train.checkpoint import AtomicCheckpointIO, resume_checkpoint
+from potentials.train.checkpoint import AtomicCheckpointIO
+from potentials.train.cluster import (
+    PreemptionCallback,
+    RNGStateCallback,
+    in_slurm,
+    resolve_latest,
+    slurm_job_id,
+    validate_slurm,
+)
 from potentials.train.datamodule import PotentialDataModule
 from potentials.train.ema import EMA
 from potentials.train.evaluation import error_table, parity_plot, predict
@@ -42,7 +54,7 @@ def build_datamodule(data_cfg: dict, r_max: float, seed: int) -> PotentialDataMo
         raise PotentialsError(f"bad data config: {exc}") from exc
 
 
-def build_logger(logger_cfg: dict, run_dir: Path, run_name: str):
+def build_logger(logger_cfg: dict, run_dir: Path, run_name: str, wandb_id: str | None = None):
     kind = logger_cfg.get("name", "csv")
     if kind == "csv":
         return CSVLogger(save_dir=str(run_dir), name="logs")
@@ -52,7 +64,7 @@ def build_logger(logger_cfg: dict, run_dir: Path, run_name: str):
         os.environ.setdefault("WANDB_MODE", logger_cfg.get("mode", "offline"))
         return WandbLogger(
             project=logger_cfg.get("project", "potentials"), name=run_name, save_dir=str(run_dir),
-            id=run_name.replace("/", "_"), resume="allow", mode=logger_cfg.get("mode", "offline"),
+            id=wandb_id, resume="allow", mode=logger_cfg.get("mode", "offline"),
         )
     raise PotentialsError(f"unknown logger.name={kind!r}; available: ['csv', 'wandb']")
 
@@ -77,13 +89,60 @@ def merge_metrics(run_dir: Path) -> Path | None:
     return out
 
 
+PRECISIONS = {"64-true": "float64", "32-true": "float32", "bf16-mixed": "float32", "16-mixed": "float32"}
+
+
+def apply_precision(cfg_precision: str | None, model_cfg: dict, tf32: bool) -> str | None:
+    """Map ``trainer.precision`` to the model dtype and the precision Lightning should use.
+
+    ``64-true``/``32-true`` set ``model.dtype`` and need no Lightning plugin (Lightning's ``64-true`` would
+    also change torch's default dtype while stepping); ``*-mixed`` keeps a float32 model and lets Lightning
+    autocast, which :mod:`potentials.models.precision` confines to the backbone.
+    """
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg_precision is None:
+        return None
+    key = str(cfg_precision)
+    if key not in PRECISIONS:
+        raise PotentialsError(f"trainer.precision must be one of {sorted(PRECISIONS)}, got {key!r}")
+    if model_cfg.get("dtype") != PRECISIONS[key]:
+        log.info("trainer.precision=%s: model.dtype set to %s", key, PRECISIONS[key])
+        model_cfg["dtype"] = PRECISIONS[key]
+    return key if key.endswith("-mixed") else None
+
+
+def run_meta(run_dir: Path, run_name: str) -> dict[str, Any]:
+    """``run_dir/run_meta.json``: a stable wandb id and the SLURM job ids/restarts of this run (rank 0 writes)."""
+    path = run_dir / "run_meta.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {
+        "wandb_id": re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:48] + "-" + uuid.uuid4().hex[:8],
+        "slurm_job_ids": [], "restarts": -1,
+    }
+    meta["restarts"] += 1
+    job = slurm_job_id()
+    if job and job not in meta["slurm_job_ids"]:
+        meta["slurm_job_ids"].append(job)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".run_meta.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, path)
+    return meta
+
+
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) training; returns paths of the artefacts and the final validation errors."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model_cfg = _container(cfg.model)
-    resume_from = resume_checkpoint(ckpt_dir) if cfg.resume else None
+    trainer_kwargs = {k: v for k, v in _container(cfg.trainer).items() if v is not None}
+    lightning_precision = apply_precision(trainer_kwargs.pop("precision", None), model_cfg, bool(cfg.get("tf32", False)))
+    if lightning_precision:
+        trainer_kwargs["precision"] = lightning_precision
+    resume_from = resolve_latest(run_dir) if cfg.resume else None
     if not cfg.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         n = 0
         while (run_dir / f"checkpoints.old-{n}").exists():
@@ -109,31 +168,53 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     module = PotentialModule(
         model_cfg, stats, loss=_container(cfg.loss), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler)
     )
+    ck = cfg.checkpoint
     callbacks = [
         ModelCheckpoint(
-            dirpath=str(ckpt_dir), filename="best", monitor=cfg.checkpoint.monitor, mode="min",
-            save_top_k=int(cfg.checkpoint.save_top_k), save_last=True, enable_version_counter=False,
+            dirpath=str(ckpt_dir), filename="best", monitor=ck.monitor, mode="min",
+            save_top_k=int(ck.save_top_k), save_last=True, enable_version_counter=False,
         ),
         LearningRateMonitor(logging_interval="epoch"),
+        RNGStateCallback(),
     ]
+    if ck.get("every_n_train_steps"):
+        callbacks.append(ModelCheckpoint(
+            dirpath=str(ckpt_dir), filename="step-{step:08d}", monitor="step", mode="max",
+            every_n_train_steps=int(ck.every_n_train_steps), save_top_k=int(ck.get("keep_step_checkpoints", 2)),
+            save_on_train_epoch_end=False, enable_version_counter=False, auto_insert_metric_name=False,
+        ))
+    preempt = cfg.get("preemption", {})
+    if preempt.get("enabled", True):
+        callbacks.append(PreemptionCallback(ckpt_dir, preempt.get("signal", "SIGUSR1"), bool(preempt.get("requeue", True))))
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=float(cfg.ema.decay)))
-    trainer_kwargs = {k: v for k, v in _container(cfg.trainer).items() if v is not None}
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if in_slurm():
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        validate_slurm(trainer_kwargs.get("devices", 1), int(trainer_kwargs.get("num_nodes", 1)))
+        if SLURMEnvironment.detect():
+            plugins.append(SLURMEnvironment(auto_requeue=False))  # our PreemptionCallback requeues
+    meta = run_meta(run_dir, str(cfg.run_name))
     try:
         trainer = pl.Trainer(
             **trainer_kwargs,
             default_root_dir=str(run_dir),
-            logger=build_logger(_container(cfg.logger), run_dir, str(cfg.run_name)),
+            logger=build_logger(_container(cfg.logger), run_dir, str(cfg.run_name), meta["wandb_id"]),
             callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
+            plugins=plugins,
             inference_mode=False,
         )
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise PotentialsError(f"bad trainer option: {exc}") from exc
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None, weights_only=False)
 
-    result: dict[str, Any] = {"run_dir": run_dir, "last": ckpt_dir / "last.ckpt", "metrics": merge_metrics(run_dir)}
-    if trainer.is_global_zero and cfg.parity_plot and (ckpt_dir / "last.ckpt").exists():
+    preempted = next((c.saved for c in callbacks if isinstance(c, PreemptionCallback) and c.saved), None)
+    result: dict[str, Any] = {
+        "run_dir": run_dir, "last": ckpt_dir / "last.ckpt", "metrics": merge_metrics(run_dir) if trainer.is_global_zero else None,
+        "preempted": preempted, "global_step": trainer.global_step,
+    }
+    if trainer.is_global_zero and cfg.parity_plot and not preempted and (ckpt_dir / "last.ckpt").exists():
         model = model_from_checkpoint(ckpt_dir / "last.ckpt")
         preds = predict(model, [dm.val_set[i] for i in range(len(dm.val_set))])
         result["val_errors"] = error_table(preds)
