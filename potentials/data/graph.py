@@ -22,6 +22,10 @@ stress            [B, 3, 3]       float      stress (eV/Å³, ASE sign), optiona
 energy_weight     [B]             float      per-structure loss weights (default 1)
 forces_weight     [B]             float
 stress_weight     [B]             float      (0 where no stress is known)
+forces_mask       [n]             float      optional per-atom factor on the forces weight (0 = fixed atom
+                                             whose force is not trained on, e.g. OC20); absent = all 1
+tags              [n]             long       optional per-atom tags (OC20: 0 sub-surface, 1 surface,
+                                             2 adsorbate); not used by the models
 ================  ==============  =========  ================================================
 """
 
@@ -31,7 +35,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-PER_ATOM = ("positions", "numbers", "forces", "batch")
+PER_ATOM = ("positions", "numbers", "forces", "batch", "forces_mask", "tags")
 PER_EDGE = ("shifts",)
 PER_GRAPH = (
     "cell", "pbc", "num_atoms", "energy", "stress", "energy_weight", "forces_weight", "stress_weight",

@@ -116,8 +116,10 @@ class MACE(PotentialModel):
         node_feats = self.embedding(one_hot)
         node_energy = torch.zeros((species.shape[0], 1), dtype=dtype, device=species.device)
         for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
-            a, sc = interaction(node_feats, one_hot, edge_attrs, edge_feats, edge_index, lengths)
-            node_feats = product(a, species, sc)
+            with backbone_autocast():
+                a, sc = interaction(node_feats, one_hot, edge_attrs, edge_feats, edge_index, lengths)
+                node_feats = product(a, species, sc)
+            node_feats = node_feats.to(dtype)  # the energy head always runs in the model dtype
             node_energy = node_energy + readout(node_feats)
         atom_energy = self.scale_shift(node_energy.squeeze(-1), species).to(torch.float64) + self.e0s[species]
         return scatter_sum(atom_energy, graph["batch"], int(graph["num_atoms"].shape[0]))

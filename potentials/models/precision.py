@@ -34,3 +34,16 @@ def backbone_autocast():
     if state is None:
         return contextlib.nullcontext()
     return torch.autocast(state[0], dtype=state[1])
+
+
+def outside_autocast(fn, *args: torch.Tensor) -> torch.Tensor:
+    """Call ``fn(*args)`` with autocast off and floating inputs in float32 when autocast is on.
+
+    e3nn's code-generated tensor products mix their own float32 constants with the inputs in ops that
+    autocast does not cover (``tensordot``), so under bf16/fp16 autocast they must run in float32.
+    """
+    device_type = args[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return fn(*args)
+    with torch.autocast(device_type, enabled=False):
+        return fn(*(a.float() if a.is_floating_point() else a for a in args))

@@ -13,6 +13,7 @@ import torch
 from e3nn import nn as enn
 from e3nn import o3
 
+from potentials.models.precision import outside_autocast
 from potentials.nn.tp.base import Engine
 
 
@@ -40,8 +41,8 @@ class InteractionBlock(torch.nn.Module):
     ``irreps_target`` (= C x edge-SH irreps), and a residual ``sc = h_i ⊗ onehot(z_i)`` → ``irreps_hidden``.
 
     Inputs: node_feats [n, irreps_node.dim], one_hot [n, num_elements], edge_attrs [E, irreps_sh.dim],
-    edge_feats [E, num_basis], edge_index [2, E] (centre i, neighbour j). Returns (A [n, target.dim],
-    sc [n, hidden.dim]).
+    edge_feats [E, num_basis], edge_index [2, E] (centre i, neighbour j), edge_lengths [E, 1] (only read by
+    a radial with ``uses_lengths = True``). Returns (A [n, target.dim], sc [n, hidden.dim]).
     """
 
     def __init__(
@@ -66,11 +67,13 @@ class InteractionBlock(torch.nn.Module):
         )
         self.avg_num_neighbors = float(avg_num_neighbors)
 
-    def forward(self, node_feats, one_hot, edge_attrs, edge_feats, edge_index):
-        sc = self.skip(node_feats, one_hot)
+    def forward(self, node_feats, one_hot, edge_attrs, edge_feats, edge_index, edge_lengths=None):
+        sc = outside_autocast(self.skip, node_feats, one_hot)
         h = self.linear_up(node_feats)
         centre, neighbour = edge_index[0], edge_index[1]
-        messages = self.tp(h[neighbour], edge_attrs, self.radial(edge_feats))
+        # a radial with ``uses_lengths = True`` (e.g. the spline) takes the edge lengths [E, 1], not the embedding
+        radial_in = edge_lengths if getattr(self.radial, "uses_lengths", False) else edge_feats
+        messages = self.tp(h[neighbour], edge_attrs, self.radial(radial_in))
         a = scatter_sum(messages, centre, node_feats.shape[0]) / self.avg_num_neighbors
         return self.linear(a), sc
 
@@ -84,7 +87,7 @@ class ProductBlock(torch.nn.Module):
         self.linear = o3.Linear(o3.Irreps(irreps_out), o3.Irreps(irreps_out))
 
     def forward(self, a: torch.Tensor, species: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
-        out = self.linear(self.product(a, species))
+        out = self.linear(outside_autocast(self.product, a, species))
         return out if sc is None else out + sc
 
 

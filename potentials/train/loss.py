@@ -1,7 +1,8 @@
 """Weighted loss on energy per atom, forces and stress, and the per-quantity error metrics.
 
 Energies are compared per atom (eV/atom), forces per component (eV/Å), stress per component (eV/Å³).
-Per-structure weights (``energy_weight``, ``forces_weight``, ``stress_weight``) mask missing targets.
+Per-structure weights (``energy_weight``, ``forces_weight``, ``stress_weight``) mask missing targets; an
+optional per-atom ``forces_mask`` (0 on fixed atoms) multiplies the forces weight.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ def errors(pred: dict[str, torch.Tensor], graph: AtomicGraph) -> dict[str, tuple
     if "energy" in graph:
         out["energy"] = ((pred["energy"] - graph["energy"]) / n, graph["energy_weight"])
     if "forces" in graph and "forces" in pred:
-        w = graph["forces_weight"][graph["batch"]][:, None].expand(-1, 3)
+        w = graph["forces_weight"][graph["batch"]]
+        if "forces_mask" in graph:  # per-atom mask, e.g. 0 on fixed atoms (OC20)
+            w = w * graph["forces_mask"].to(w.dtype)
+        w = w[:, None].expand(-1, 3)
         out["forces"] = (pred["forces"] - graph["forces"], w)
     if "stress" in graph and "stress" in pred:
         w = graph["stress_weight"][:, None, None].expand(-1, 3, 3)
@@ -62,6 +66,15 @@ class ErrorAccumulator:
             r = res.detach()[mask].to(torch.float64)
             s = torch.stack([r.pow(2).sum(), r.abs().sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
             self.sums[key] = self.sums.get(key, torch.zeros(3, dtype=torch.float64)) + s.cpu()
+
+    def all_reduce(self, device=None) -> None:
+        """Sum the accumulators over all ranks (DDP), in a fixed key order."""
+        keys = ["energy", "forces", "stress"]
+        local = torch.stack([self.sums.get(k, torch.zeros(3, dtype=torch.float64)) for k in keys])
+        local = local.to(device) if device is not None else local
+        torch.distributed.all_reduce(local)
+        local = local.cpu()
+        self.sums = {k: local[i] for i, k in enumerate(keys) if local[i, 2] > 0}
 
     def compute(self) -> dict[str, float]:
         out = {}

@@ -55,7 +55,10 @@ class PotentialModule(pl.LightningModule):
         pred = self(graph, training=stage == "train")
         loss = self.loss_fn(pred, graph)
         self.metrics[stage].update(pred, graph)
-        self.log(f"{stage}_loss", loss.detach(), batch_size=graph.num_graphs, prog_bar=True, on_step=False, on_epoch=True)
+        self.log(
+            f"{stage}_loss", loss.detach(), batch_size=graph.num_graphs, prog_bar=True, on_step=False, on_epoch=True,
+            sync_dist=True,
+        )
         return loss
 
     def training_step(self, graph: AtomicGraph, batch_idx: int) -> torch.Tensor:
@@ -66,6 +69,8 @@ class PotentialModule(pl.LightningModule):
             self._step(graph, "val")
 
     def _log_metrics(self, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.metrics[stage].all_reduce(self.device)
         for key, value in self.metrics[stage].compute().items():
             self.log(f"{stage}_{key}", value, prog_bar=key == "forces_rmse" and stage == "val")
         self.metrics[stage].reset()

@@ -48,6 +48,13 @@ def build_datamodule(data_cfg: dict, r_max: float, seed: int) -> PotentialDataMo
         for path in data_cfg["train_files"]:
             ensure_demo_data(path)
     data_cfg.pop("name", None)
+    fmt = str(data_cfg.pop("format", "ase") or "ase")
+    if fmt != "ase":  # published formats: every key the datamodule does not take is a dataset option
+        import inspect
+
+        known = set(inspect.signature(PotentialDataModule).parameters)
+        options = {k: data_cfg.pop(k) for k in list(data_cfg) if k not in known}
+        data_cfg.update(format=fmt, dataset_options=options)
     try:
         return PotentialDataModule(r_max=r_max, seed=seed, **data_cfg)
     except TypeError as exc:
@@ -183,11 +190,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
             every_n_train_steps=int(ck.every_n_train_steps), save_top_k=int(ck.get("keep_step_checkpoints", 2)),
             save_on_train_epoch_end=False, enable_version_counter=False, auto_insert_metric_name=False,
         ))
-    preempt = cfg.get("preemption", {})
-    if preempt.get("enabled", True):
-        callbacks.append(PreemptionCallback(ckpt_dir, preempt.get("signal", "SIGUSR1"), bool(preempt.get("requeue", True))))
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=float(cfg.ema.decay)))
+    preempt = cfg.get("preemption", {})
+    if preempt.get("enabled", True):  # after EMA: its batch-end update must be in the preemption checkpoint
+        callbacks.append(PreemptionCallback(ckpt_dir, preempt.get("signal", "SIGUSR1"), bool(preempt.get("requeue", True))))
     plugins: list[Any] = [AtomicCheckpointIO()]
     if in_slurm():
         from lightning.fabric.plugins.environments import SLURMEnvironment

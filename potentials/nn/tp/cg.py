@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from e3nn import o3
 
+from potentials.models.precision import outside_autocast
 from potentials.nn.symmetric_contraction import SymmetricContraction
 from potentials.nn.tp.base import EdgeTensorProduct, Engine, ProductBasis, register_engine
 
@@ -42,7 +43,7 @@ class CGEdgeTensorProduct(EdgeTensorProduct):
         self.weight_numel = self.tp.weight_numel
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.tp(x, y, weight)
+        return outside_autocast(self.tp, x, y, weight)
 
 
 class CGProductBasis(ProductBasis):
