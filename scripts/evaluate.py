@@ -2,8 +2,11 @@
 """Evaluate a checkpoint on labelled structure files.
 
     python scripts/evaluate.py CKPT FILE [FILE ...] [--json OUT.json] [--plot OUT.png]
+    python scripts/evaluate.py CKPT --format 3bpa --root PATH/dataset_3BPA [--test-sets 300K,600K,dih]
+    python scripts/evaluate.py CKPT --format oc20|mptrj --root PATH
 
-Prints per-file RMSE/MAE of energy per atom (meV/atom), forces (meV/Å) and stress (meV/Å³, where present).
+Prints per-file (or per test set: 3BPA 300K/600K/1200K/dihedral scans, one row each) RMSE/MAE of energy per
+atom (meV/atom), forces (meV/Å) and stress (meV/Å³, where present).
 """
 
 import argparse
@@ -21,7 +24,11 @@ from potentials.errors import PotentialsError, cli_errors  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="*")
+    p.add_argument("--format", help="a published dataset format (3bpa, oc20, mptrj) read from --root")
+    p.add_argument("--root", help="dataset directory or file for --format")
+    p.add_argument("--test-sets", help="3bpa: comma-separated test sets (default: all present under --root)")
+    p.add_argument("--cache-dir", default="data/cache", help="graph cache for --format (default data/cache)")
     p.add_argument("--json", help="write the metrics as JSON here")
     p.add_argument("--plot", help="write a parity plot (all files together) here")
     p.add_argument("--energy-key", default="energy")
@@ -38,11 +45,34 @@ def main(argv=None) -> int:
     from potentials.data.dataset import GraphDataset
     from potentials.train.evaluation import error_table, parity_plot, predict
 
+    if not args.files and not args.format:
+        raise PotentialsError("give structure files, or --format with --root")
     overrides = {"tp": args.tp} if args.tp else {}
     model = model_from_checkpoint(args.checkpoint, device=args.device, **overrides)
+    sets = [(f, None) for f in args.files]
+    if args.format:
+        from potentials.data.formats import load_dataset
+
+        if not args.root:
+            raise PotentialsError("--format needs --root (a dataset directory or file)")
+        if args.format.lower() == "3bpa":
+            from potentials.data.formats.three_bpa import available_test_sets
+
+            names = args.test_sets.split(",") if args.test_sets else available_test_sets(Path(args.root))
+            if not names:
+                raise PotentialsError(f"3bpa: no test set files (test_300K.xyz, ...) under {args.root!r}")
+            splits = [f"test_{n.strip().removeprefix('test_')}" for n in names]
+        else:
+            splits = ["test"]
+        for split in splits:
+            sets.append((split, lambda split=split: load_dataset(
+                args.format, root=args.root, split=split, cutoff=model.r_max, cache_dir=args.cache_dir,
+                energy_key=args.energy_key, forces_key=args.forces_key,
+                stress_key=None if args.format.lower() == "3bpa" else args.stress_key,
+            )))
     results, all_preds = {}, {}
-    for f in args.files:
-        ds = GraphDataset.from_files(
+    for f, load in sets:
+        ds = load() if load is not None else GraphDataset.from_files(
             [f], model.r_max, energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key,
         )
         preds = predict(model, [ds[i] for i in range(len(ds))], batch_size=args.batch_size, device=args.device)

@@ -28,7 +28,8 @@ def predict(model: torch.nn.Module, graphs: Iterable[AtomicGraph], batch_size: i
             acc["energy"][0].append((g["energy"] / n).cpu().numpy())
             acc["energy"][1].append((out["energy"].detach() / n).cpu().numpy())
         if "forces" in g:
-            mask = (g["forces_weight"][g["batch"]] > 0).cpu().numpy()
+            w = g["forces_weight"][g["batch"]] * g["forces_mask"] if "forces_mask" in g else g["forces_weight"][g["batch"]]
+            mask = (w > 0).cpu().numpy()  # fixed atoms (forces_mask 0) are not scored
             acc["forces"][0].append(g["forces"].cpu().numpy()[mask].ravel())
             acc["forces"][1].append(out["forces"].detach().cpu().numpy()[mask].ravel())
         if has_stress:
