@@ -71,6 +71,7 @@ class Engine:
 
 
 _ENGINES: dict[str, Callable[[], Engine]] = {}
+_ALIASES: dict[str, str] = {}
 
 
 def register_engine(name: str):
@@ -84,13 +85,23 @@ def register_engine(name: str):
     return deco
 
 
+def register_alias(alias: str, target: str) -> None:
+    """``model.tp=<alias>`` builds the engine ``target`` (aliases are not listed by :func:`available_engines`)."""
+    _ALIASES[alias] = target
+
+
 def available_engines() -> list[str]:
+    """Registered engine names (without aliases)."""
     return sorted(_ENGINES)
 
 
 def get_engine(name: str) -> Engine:
+    name = _ALIASES.get(name, name)
     if name not in _ENGINES:
-        raise PotentialsError(f"unknown tensor-product engine model.tp={name!r}; available: {available_engines()}")
+        raise PotentialsError(
+            f"unknown tensor-product engine model.tp={name!r}; available: {available_engines()} "
+            f"(aliases: {sorted(_ALIASES)})"
+        )
     return _ENGINES[name]()
 
 
