@@ -30,3 +30,21 @@ test: $(STAMP)
 
 clean-runs:
 	rm -rf runs/ multirun/ outputs/
+
+# Peer venv for benchmarks only: mace-torch pins e3nn 0.4.x, so it can never share .venv.
+# torch goes in first (the CPU wheel of this machine), then mace-torch with the same torch.
+PEER_VENV := peer-venv
+PEER_PY := $(PEER_VENV)/bin/python
+PEER_TORCH ?= $(TORCH)
+PEER_MACE ?= mace-torch==0.3.16
+PEER_STAMP := $(PEER_VENV)/.installed
+
+$(PEER_STAMP):
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install --quiet --upgrade pip
+	$(PEER_PY) -m pip install --quiet "$(PEER_TORCH)"
+	$(PEER_PY) -m pip install --quiet "$(PEER_MACE)" "$(PEER_TORCH)"
+	$(PEER_PY) -c "import mace, e3nn, torch; from mace.modules import ScaleShiftMACE; print('peer-venv: mace-torch', __import__('importlib.metadata').metadata.version('mace-torch'), 'e3nn', e3nn.__version__, 'torch', torch.__version__)"
+	touch $(PEER_STAMP)
+
+peer-venv: $(PEER_STAMP)

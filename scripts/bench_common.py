@@ -1,0 +1,549 @@
+"""Shared helpers of the benchmark scripts (``scripts/bench_train.py``, ``bench_md.py``, ``bench_relax.py``).
+
+* the reference hyper-parameters, shared by this project's models and the mace-torch peer;
+* the list of this project's model/back-end variants available at run time;
+* the machine description (cores, CPU model, torch version, date, load) written into every report;
+* timing statistics, log-log fits, Markdown tables, the JSON/Markdown/PNG writers;
+* running a worker as a subprocess with a JSON task on stdin and one ``MARKER {json}`` line on stdout —
+  the mace-torch peer (``scripts/peer_mace.py`` in ``peer-venv/``) and this project's own isolated workers.
+
+Units: times in seconds unless a key says otherwise (``*_ms``, ``*_us``), memory in MB (2**20 bytes).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PEER_VENV = REPO / "peer-venv"
+PEER_PYTHON = PEER_VENV / "bin" / "python"
+PEER_SCRIPT = REPO / "scripts" / "peer_mace.py"
+DEFAULT_3BPA = REPO.parent / "shared" / "data" / "3BPA" / "train_300K.xyz"
+DEFAULT_DEMO = REPO / "data" / "demo" / "cuau_emt.extxyz"
+DOCS = REPO / "docs" / "benchmarks"
+
+SCHEMA_VERSION = 1
+
+# The reference configuration of the issue's mace-torch run (ScaleShiftMACE, mace_run_train defaults
+# otherwise): identical on both sides of every comparison. Names are this project's model options;
+# mace-torch's are in PEER_NAMES.
+REFERENCE_HP: dict[str, Any] = {
+    "channels": 32,
+    "max_L": 1,
+    "max_ell": 3,
+    "correlation": 3,
+    "num_interactions": 2,
+    "r_max": 5.0,
+    "num_bessel": 8,
+    "cutoff_p": 5,
+    "radial_hidden": [64, 64, 64],
+    "readout_hidden": 16,
+}
+REFERENCE_BATCH_SIZE = 5
+PEER_NAMES = {
+    "channels": "num_channels",
+    "max_L": "max_L",
+    "max_ell": "max_ell",
+    "correlation": "correlation",
+    "num_interactions": "num_interactions",
+    "r_max": "r_max",
+    "num_bessel": "num_radial_basis",
+    "cutoff_p": "num_cutoff_basis",
+    "radial_hidden": "radial_MLP",
+    "readout_hidden": "MLP_irreps (Kx0e)",
+}
+PEER_FIXED = (
+    "ScaleShiftMACE, RealAgnosticResidualInteractionBlock (first and later layers), gate silu, "
+    "radial_type bessel, use_reduced_cg False (mace_run_train defaults)"
+)
+
+
+# --------------------------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (not Linux)
+        return os.cpu_count() or 1
+
+
+def mem_available_mb() -> float:
+    """MemAvailable from /proc/meminfo (MB); a large number where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("inf")
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return []
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import torch
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cores_available": available_cores(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": int(threads),
+        "memory_total_mb": None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average_start": load_average(),
+    }
+    try:
+        import e3nn
+
+        info["e3nn"] = e3nn.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            info["memory_total_mb"] = round(int(fh.readline().split()[1]) / 1024.0)
+    except (OSError, ValueError, IndexError):
+        pass
+    return info
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now (MB)."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def timing_stats(times: Sequence[float]) -> dict[str, float]:
+    """Median, mean, min, max and count of a list of durations (s)."""
+    xs = sorted(float(t) for t in times)
+    n = len(xs)
+    if n == 0:
+        return {"n": 0}
+    mid = n // 2
+    median = xs[mid] if n % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+    return {"n": n, "median_s": median, "mean_s": sum(xs) / n, "min_s": xs[0], "max_s": xs[-1]}
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeat`` times; the durations (s) of the timed calls."""
+    for _ in range(int(warmup)):
+        fn()
+    times = []
+    for _ in range(int(repeat)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def fit_loglog(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | None:
+    """Least-squares ``y = a · x^k`` on log-log axes: {exponent k, prefactor a, points}; None below 2 points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    if len(pts) < 2:
+        return None
+    n = len(pts)
+    mx = sum(p[0] for p in pts) / n
+    my = sum(p[1] for p in pts) / n
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    if sxx == 0:
+        return None
+    k = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+    return {"exponent": k, "prefactor": math.exp(my - k * mx), "points": n}
+
+
+def extrapolate(xs: Sequence[float], ys: Sequence[float], x_new: float) -> float | None:
+    """Power-law extrapolation from the last two points, at least linear: ``y_last · (x_new/x_last)^max(k, 1)``
+    (None with fewer than two points)."""
+    if len(xs) < 2:
+        return None
+    fit = fit_loglog(xs[-2:], ys[-2:])
+    if fit is None:
+        return None
+    return float(ys[-1]) * (float(x_new) / float(xs[-1])) ** max(fit["exponent"], 1.0)
+
+
+def is_pos_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+# --------------------------------------------------------------------------------------------- variants
+def parse_hp_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["channels=8", "radial_hidden=[16,16]"]`` → dict (values parsed as JSON, else kept as strings)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--hp expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        if key not in REFERENCE_HP:
+            raise SystemExit(f"--hp: unknown key {key!r}; known: {sorted(REFERENCE_HP)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def hyperparameters(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    hp = dict(REFERENCE_HP)
+    hp.update(overrides or {})
+    return hp
+
+
+def hp_description(hp: dict[str, Any], batch_size: int | None = None) -> dict[str, Any]:
+    """The hyper-parameters as both sides name them, for the report."""
+    desc = {
+        "values": dict(hp),
+        "mace_torch_names": {PEER_NAMES[k]: v for k, v in hp.items() if k in PEER_NAMES},
+        "mace_torch_fixed": PEER_FIXED,
+        "this_project_fixed": "model.radial=mlp (unless the variant says otherwise), SiLU, residual skip in every layer",
+        "is_reference": all(hp.get(k) == v for k, v in REFERENCE_HP.items()),
+    }
+    if batch_size is not None:
+        desc["batch_size"] = batch_size
+    return desc
+
+
+def our_variants(only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every model/back-end combination of this project available now: MACE with each registered
+    tensor-product engine (``auto`` and aliases excluded), Facet if registered, the spline radial if registered."""
+    from potentials.models import MODELS
+    from potentials.nn.tp import available_engines, get_engine
+
+    variants = []
+    for engine in available_engines():
+        if engine == "auto":
+            continue
+        try:  # an alias (``grid`` → ``gaunt_grid``) builds the same engine: benchmark it once, by its own name
+            if getattr(get_engine(engine), "name", engine) not in (engine, "", None):
+                continue
+        except Exception:  # an engine that cannot even be instantiated still gets a row (with its error)
+            pass
+        variants.append({"label": f"mace/{engine}", "cfg": {"name": "mace", "tp": engine}})
+    if "facet" in MODELS:
+        variants.append({"label": "facet", "cfg": {"name": "facet"}})
+    try:
+        from potentials.nn.radials import _RADIALS
+
+        if "spline" in _RADIALS:
+            variants.append({"label": "mace/cg+spline", "cfg": {"name": "mace", "tp": "cg", "radial": "spline"}})
+    except ImportError:  # pragma: no cover
+        pass
+    if only:
+        wanted = set(only)
+        variants = [v for v in variants if v["label"] in wanted]
+    return variants
+
+
+def model_config(variant: dict[str, Any], hp: dict[str, Any], dtype: str) -> tuple[dict[str, Any], list[str]]:
+    """The ``build_model`` config of ``variant`` at hyper-parameters ``hp``.
+
+    A model whose constructor does not take some of the hyper-parameters (e.g. Facet) gets only those it
+    takes; the names it dropped are returned so the report can say so.
+    """
+    from potentials.models import MODELS
+
+    cfg = dict(variant["cfg"])
+    cls = MODELS[cfg.get("name", "mace")]
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    dropped = []
+    for key, value in hp.items():
+        if takes_any or key in params:
+            cfg.setdefault(key, value)
+        else:
+            dropped.append(key)
+    cfg["dtype"] = dtype
+    return cfg, dropped
+
+
+def build_our_model(cfg: dict[str, Any], stats: dict[str, Any], seed: int = 0):
+    import torch
+
+    from potentials.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg, stats)
+
+
+def make_stats(atomic_numbers: Sequence[int], avg_num_neighbors: float, e0s: dict | None = None) -> dict[str, Any]:
+    return dict(
+        atomic_numbers=[int(z) for z in atomic_numbers], e0s=dict(e0s or {}),
+        avg_num_neighbors=float(avg_num_neighbors), scale=1.0, shift=0.0,
+    )
+
+
+def num_parameters(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------- data
+def read_3bpa_e0s(train_path: Path) -> dict[int, float]:
+    """Isolated-atom energies from ``iso_atoms.xyz`` beside the 3BPA training file ({} if absent)."""
+    iso = Path(train_path).with_name("iso_atoms.xyz")
+    if not iso.is_file():
+        return {}
+    import ase.io
+
+    out = {}
+    for atoms in ase.io.read(str(iso), index=":"):
+        energy = atoms.info.get("energy")
+        if energy is None and atoms.calc is not None:
+            energy = atoms.calc.results.get("energy")
+        if energy is not None and len(atoms) == 1:
+            out[int(atoms.numbers[0])] = float(energy)
+    return out
+
+
+def cu_bulk(n_cells: int, a: float = 3.61, rattle: float = 0.05, seed: int = 1):
+    """fcc Cu, cubic cell repeated ``n_cells``³ (4 n³ atoms), rattled so that forces are non-zero."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=a, cubic=True).repeat((n_cells, n_cells, n_cells))
+    if rattle:
+        atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+def cells_for_sizes(sizes: Sequence[int]) -> list[int]:
+    """Target atom counts → cubic repeat counts n (4 n³ atoms, the nearest)."""
+    out = []
+    for s in sizes:
+        n = max(1, round((float(s) / 4.0) ** (1.0 / 3.0)))
+        if n not in out:
+            out.append(n)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- subprocesses
+def peer_status() -> tuple[bool, str]:
+    """(available, reason): whether ``peer-venv`` holds a Python that can run the peer."""
+    if not PEER_PYTHON.exists():
+        return False, f"peer venv absent ({PEER_PYTHON} missing): run `make peer-venv`"
+    return True, "ok"
+
+
+def run_json_worker(
+    cmd: Sequence[str], task: dict[str, Any], marker: str, timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``cmd`` with ``task`` as JSON on stdin; parse the last ``MARKER {json}`` line of its stdout.
+
+    Never raises for the worker's failures: returns ``{"error": ...}`` (non-zero exit, timeout, no answer).
+    """
+    full_env = dict(os.environ)
+    threads = str(task.get("threads", 1))
+    full_env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"})
+    full_env.update(env or {})
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            list(cmd), input=json.dumps(task), capture_output=True, text=True, timeout=timeout, env=full_env,
+            cwd=str(REPO),
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    answer = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(marker + " "):
+            answer = line[len(marker) + 1:]
+    if answer is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"worker exited {proc.returncode} without an answer: {' | '.join(tail)}"}
+    try:
+        result = json.loads(answer)
+    except json.JSONDecodeError as exc:
+        return {"error": f"worker answer is not JSON ({exc})"}
+    result.setdefault("process_wall_s", wall)
+    return result
+
+
+def run_peer(task: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
+    ok, reason = peer_status()
+    if not ok:
+        return {"error": reason, "skipped": True}
+    return run_json_worker([str(PEER_PYTHON), str(PEER_SCRIPT)], task, "PEER_JSON", timeout)
+
+
+def run_self_worker(script: Path, task: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
+    """Run ``script --worker`` with this interpreter (an isolated process: own peak memory, own allocator)."""
+    return run_json_worker([sys.executable, str(script), "--worker"], task, "BENCH_JSON", timeout)
+
+
+def worker_main(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """Body of ``script --worker``: task JSON on stdin → ``BENCH_JSON {...}`` on stdout."""
+    import traceback
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    task = json.loads(sys.stdin.read())
+    try:
+        result = handler(task)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        print("BENCH_JSON " + json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    print("BENCH_JSON " + json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ output
+def fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        if x == 0:
+            return "0"
+        mag = abs(x)
+        if mag >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{max(0, digits - 1 - int(math.floor(math.log10(mag))))}f}" if mag >= 1e-3 else f"{x:.2e}"
+    return str(x)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(v) if not isinstance(v, str) else v for v in row) + " |")
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The exact command that produced a report (relative script path, as run from the repo root)."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(shlex.quote(a) for a in ["python", str(script), *sys.argv[1:]])
+
+
+def machine_markdown(machine: dict[str, Any], peer: dict[str, Any] | None) -> str:
+    lines = [
+        f"- date (UTC): {machine['date']}",
+        f"- machine: {machine['cpu_model']}, {machine['cores_available']} cores available "
+        f"(torch threads {machine['torch_threads']}), {fmt(machine.get('memory_total_mb'))} MB RAM; "
+        f"load average at start {machine.get('load_average_start')} / end {machine.get('load_average_end')} "
+        "(shared machine: other jobs may run alongside)",
+        f"- this project: torch {machine['torch']}, e3nn {machine.get('e3nn', '?')}, Python {machine['python']}",
+    ]
+    if peer and "error" not in peer:
+        lines.append(f"- peer: mace-torch {peer.get('mace_torch')}, e3nn {peer.get('e3nn')}, torch {peer.get('torch')} (peer-venv)")
+    elif peer:
+        lines.append(f"- peer: unavailable ({peer.get('error')})")
+    return "\n".join(lines)
+
+
+def hp_markdown(desc: dict[str, Any]) -> str:
+    vals = desc["values"]
+    parts = [f"{k}={json.dumps(v)}" for k, v in vals.items()]
+    peer = [f"{k}={json.dumps(v)}" for k, v in desc["mace_torch_names"].items()]
+    out = [
+        f"- hyper-parameters (both sides): {', '.join(parts)}"
+        + (f", batch_size={desc['batch_size']}" if "batch_size" in desc else ""),
+        f"- mace-torch names: {', '.join(peer)}; {desc['mace_torch_fixed']}",
+        f"- reference configuration of issue 8: {'yes' if desc['is_reference'] else 'NO (overridden with --hp)'}",
+    ]
+    return "\n".join(out)
+
+
+def write_report(payload: dict[str, Any], json_path: str | os.PathLike | None, markdown: str) -> dict[str, str]:
+    """Write ``payload`` as JSON to ``json_path`` and ``markdown`` beside it (same stem, ``.md``).
+
+    Returns the paths written. Without ``json_path`` only prints the Markdown.
+    """
+    print(markdown)
+    if not json_path:
+        return {}
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    md_path = path.with_suffix(".md")
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    md_path.write_text(markdown + "\n")
+    return {"json": str(path), "markdown": str(md_path)}
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def base_payload(benchmark: str, threads: int, hp_desc: dict[str, Any], peer_info: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": benchmark,
+        "command": command_line(),
+        "machine": machine_info(threads),
+        "peer": peer_info,
+        "hyperparameters": hp_desc,
+        "rows": [],
+    }
+
+
+def peer_info(threads: int) -> dict[str, Any]:
+    """Versions of the peer venv (or the reason it is unavailable)."""
+    ok, reason = peer_status()
+    if not ok:
+        return {"error": reason}
+    return run_peer({"kind": "info", "threads": threads}, timeout=300)
+
+
+def temp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="bench-"))

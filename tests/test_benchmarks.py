@@ -1,0 +1,142 @@
+"""Smoke tests of the benchmark scripts (tiny model, tiny sizes, one repetition): they run, and their JSON
+reports have the documented schema with finite positive numbers. Benchmarks are not tests — these only keep
+the scripts from rotting. The mace-torch rows run when ``peer-venv/`` exists and must be skipped otherwise."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, SHARED_DATA
+
+SCRIPTS = REPO / "scripts"
+PEER = (REPO / "peer-venv" / "bin" / "python").exists()
+TINY_HP = ["channels=4", "max_ell=1", "correlation=2", "radial_hidden=[8]", "readout_hidden=4", "num_bessel=4"]
+HAS_3BPA = (SHARED_DATA / "3BPA" / "train_300K.xyz").is_file()
+
+sys.path.insert(0, str(SCRIPTS))
+import bench_common as bc  # noqa: E402
+
+
+def run_script(name: str, out_json, *args: str, timeout: float = 900) -> dict:
+    cmd = [sys.executable, str(SCRIPTS / name), "--json", str(out_json), "--threads", "1", *args, "--hp", *TINY_HP]
+    if not PEER:
+        cmd.append("--no-peer")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out_json.is_file() and out_json.with_suffix(".md").is_file()
+    return json.loads(out_json.read_text())
+
+
+def positive(row: dict, *keys: str) -> None:
+    for key in keys:
+        assert bc.is_pos_finite(row.get(key)), (key, row.get(key), row)
+
+
+def check_common(payload: dict, benchmark: str) -> list[dict]:
+    assert payload["schema_version"] == bc.SCHEMA_VERSION
+    assert payload["benchmark"] == benchmark
+    assert payload["command"].startswith(f"python scripts/bench_{benchmark}.py")
+    m = payload["machine"]
+    for key in ("date", "cpu_model", "cores_available", "torch", "torch_threads", "load_average_end"):
+        assert key in m, key
+    hp = payload["hyperparameters"]
+    assert hp["values"]["channels"] == 4 and hp["is_reference"] is False
+    assert hp["mace_torch_names"]["num_channels"] == 4
+    rows = payload["rows"]
+    assert rows, "no rows"
+    for r in rows:
+        assert r["status"] in ("ok", "skipped", "error"), r
+        assert "backend" in r and "side" in r
+        if r["status"] != "ok":
+            assert r.get("reason"), r
+    ours = [r for r in rows if r["side"] == "ours"]
+    assert ours and all(r["status"] == "ok" for r in ours), ours
+    peer = [r for r in rows if r["side"] == "peer"]
+    if PEER:
+        assert peer and all(r["status"] == "ok" for r in peer), peer
+        assert "error" not in payload["peer"] and payload["peer"]["mace_torch"] == "0.3.16"
+    else:
+        assert all(r["status"] == "skipped" for r in peer)
+    return rows
+
+
+def test_helpers():
+    fit = bc.fit_loglog([10, 100, 1000], [2 * 10**1.5, 2 * 100**1.5, 2 * 1000**1.5])
+    assert math.isclose(fit["exponent"], 1.5, rel_tol=1e-9) and math.isclose(fit["prefactor"], 2.0, rel_tol=1e-9)
+    assert bc.fit_loglog([10], [1.0]) is None
+    assert math.isclose(bc.extrapolate([1, 2], [1.0, 4.0], 4), 16.0)  # quadratic stays quadratic
+    assert math.isclose(bc.extrapolate([1, 2], [1.0, 1.0], 4), 2.0)  # never predicted below linear
+    assert bc.extrapolate([1], [1.0], 4) is None
+    st = bc.timing_stats([3.0, 1.0, 2.0, 10.0])
+    assert st["median_s"] == 2.5 and st["min_s"] == 1.0 and st["n"] == 4
+    assert bc.cells_for_sizes([108, 500, 2048, 10976]) == [3, 5, 8, 14]
+    table = bc.markdown_table(["a", "b"], [["x", 1.23456], ["y", None]])
+    assert table.splitlines()[2] == "| x | 1.23 |" and "–" in table
+    assert bc.parse_hp_overrides(["channels=8", "radial_hidden=[16,16]"]) == {"channels": 8, "radial_hidden": [16, 16]}
+    with pytest.raises(SystemExit):
+        bc.parse_hp_overrides(["not_a_key=1"])
+    labels = [v["label"] for v in bc.our_variants()]
+    assert "mace/cg" in labels and not any(lbl.endswith("/auto") for lbl in labels)
+
+
+def test_bench_train_smoke(tmp_path):
+    out = tmp_path / "train.json"
+    payload = run_script(
+        "bench_train.py", out, "--quick", "--only", "mace/cg", "--datasets", "3bpa,demo", "--dtypes", "float64",
+        "--steps", "1", "--warmup", "0", "--n-structures", "5", "--demo-path", str(tmp_path / "demo.extxyz"),
+        "--demo-structures", "6",
+    )
+    rows = check_common(payload, "train")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["dataset"] for r in ok} == ({"3bpa", "demo"} if HAS_3BPA else {"demo"})
+    for r in ok:
+        positive(r, "structures_per_s", "atoms_per_s", "ms_per_step", "ms_per_step_min", "num_parameters")
+        assert r["batch_size"] == 5
+        if r["side"] == "ours" and PEER:
+            positive(r, "ratio_vs_peer")
+            assert r["target_ratio"] == 1.0 and isinstance(r["target_met"], bool)
+    if not HAS_3BPA:
+        assert any(r["dataset"] == "3bpa" and r["status"] == "skipped" for r in rows)
+    assert "| dataset | dtype | backend |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_md_smoke(tmp_path):
+    out = tmp_path / "md.json"
+    payload = run_script(
+        "bench_md.py", out, "--quick", "--only", "mace/cg", "--sizes", "32,108", "--repeat", "1", "--warmup", "0",
+        "--profile", "32",
+    )
+    rows = check_common(payload, "md")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["num_atoms"] for r in ok if r["periodic"]} == {32, 108}
+    assert any(not r["periodic"] for r in ok) == HAS_3BPA
+    for r in ok:
+        positive(r, "ms_per_call", "ms_per_call_min", "us_per_atom", "ms_per_atom", "peak_rss_mb", "rss_before_mb")
+        assert r["working_mb"] >= 0
+        if r["side"] == "ours" and PEER:
+            positive(r, "speedup_vs_peer", "memory_ratio_vs_peer")
+    scal = {(s["backend"], s["dtype"]): s for s in payload["scaling"]}
+    assert math.isfinite(scal[("mace/cg", "float32")]["time_exponent"])
+    assert scal[("mace/cg", "float32")]["sizes"] == [32, 108]
+    assert payload["profiles"] and "aten::" in payload["profiles"][0]["table"]
+    assert out.with_suffix(".png").is_file() and out.with_suffix(".png").stat().st_size > 1000
+    assert payload["plot"] == "md.png"
+
+
+def test_bench_relax_smoke(tmp_path):
+    out = tmp_path / "relax.json"
+    payload = run_script("bench_relax.py", out, "--quick", "--only", "mace/cg", "--steps", "2")
+    rows = check_common(payload, "relax")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert any("Cu fcc" in r["system"] for r in ok)
+    assert payload["settings"]["fmax"] == 0.0  # untrained: a fixed number of steps on both sides
+    for r in ok:
+        positive(r, "wall_s", "ms_per_step", "ms_per_call", "calls", "peak_rss_mb")
+        assert r["steps"] == 2 and r["converged"] is False
+        if r["side"] == "ours" and PEER:
+            positive(r, "wall_speedup_vs_peer", "per_call_speedup_vs_peer")
