@@ -8,9 +8,10 @@ import torch
 
 from potentials.errors import PotentialsError
 from potentials.models.derivatives import energy_forces_stress  # noqa: F401
+from potentials.models.facet import Facet
 from potentials.models.mace import MACE
 
-MODELS: dict[str, Callable[..., torch.nn.Module]] = {"mace": MACE}
+MODELS: dict[str, Callable[..., torch.nn.Module]] = {"mace": MACE, "facet": Facet}
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

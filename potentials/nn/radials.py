@@ -35,3 +35,5 @@ def make_radial_factory(kind: str, num_basis: int, hidden: list[int], **options)
         raise PotentialsError(f"unknown model.radial={kind!r}; available: {sorted(_RADIALS)}")
     builder = _RADIALS[kind]
     return lambda weight_numel: builder(num_basis=num_basis, hidden=hidden, weight_numel=weight_numel, **options)
+
+from potentials.nn import spline  # noqa: E402,F401  (registers "spline")

@@ -1,0 +1,161 @@
+"""Facet-style model (Miklaucic et al., arXiv 2509.08418): MACE's message passing with the two Facet changes —
+spline radial weights instead of radial MLPs, and a sphere-grid MLP mixer instead of the symmetric
+contraction (product basis).
+
+Per layer t (node features h, natural-parity irreps C x (0e + 1o + … + max_L); scalars only in the last):
+
+    m_i  = Linear( Σ_{j∈N(i)} TP_uvu( Linear(h_j), Y(r̂_ij); R(r_ij) ) / avg_num_neighbors )   → C x (0e..max_ell)
+    h_i ← S2MLPMixer(m_i) + Linear_t(h_i)                                                    (residual)
+
+then E_i = NonLinearReadout(h_i) of the last block only, scale/shift, + E0, summed per structure.
+``TP_uvu`` is the engine's channel-wise edge product (``tp=cg`` now; any registered engine, e.g.
+``gaunt_grid``), ``R`` the radial network (``radial=spline`` by default, ``mlp`` also works), ``Y`` edge
+harmonics 0e..max_ell ('component'). Forces/stress come from the energy by autograd
+(:mod:`potentials.models.derivatives`) like every model.
+
+The mixer is only approximately rotation-equivariant (see :mod:`potentials.nn.s2_mixer`); it is exactly
+inversion-equivariant, so the model is O(3)-equivariant up to the grid error.
+"""
+
+from __future__ import annotations
+
+import torch
+from e3nn import o3
+
+from potentials.data.graph import AtomicGraph
+from potentials.errors import PotentialsError
+from potentials.models.base import PotentialModel, edge_vectors
+from potentials.models.mace import natural_irreps
+from potentials.models.precision import backbone_autocast, outside_autocast
+from potentials.nn.blocks import LinearNodeEmbedding, NonLinearReadout, ScaleShift, scatter_sum
+from potentials.nn.radial import RadialEmbedding
+from potentials.nn.radials import make_radial_factory
+from potentials.nn.s2_mixer import S2MLPMixer
+from potentials.nn.tp import get_engine
+
+
+class FacetConvolution(torch.nn.Module):
+    """Channel-wise (uvu) edge convolution with per-edge radial weights; no product basis.
+
+    node_feats [n, irreps_node.dim], edge_attrs [E, sh.dim], radial_in [E, ·] (lengths or embedding),
+    edge_index [2, E] → messages [n, irreps_target.dim].
+    """
+
+    def __init__(self, engine, irreps_node, irreps_sh, irreps_target, make_radial, avg_num_neighbors: float):
+        super().__init__()
+        self.linear_up = o3.Linear(irreps_node, irreps_node)
+        self.tp = engine.edge_tp(o3.Irreps(irreps_node), o3.Irreps(irreps_sh), o3.Irreps(irreps_target))
+        self.radial = make_radial(self.tp.weight_numel)
+        self.linear = o3.Linear(self.tp.irreps_out, o3.Irreps(irreps_target))
+        self.avg_num_neighbors = float(avg_num_neighbors)
+
+    def forward(self, node_feats, edge_attrs, edge_feats, edge_lengths, edge_index):
+        h = outside_autocast(self.linear_up, node_feats)  # e3nn Linears run in float32 under autocast
+        radial_in = edge_lengths if getattr(self.radial, "uses_lengths", False) else edge_feats
+        messages = self.tp(h[edge_index[1]], edge_attrs, self.radial(radial_in))
+        a = scatter_sum(messages, edge_index[0], node_feats.shape[0]) / self.avg_num_neighbors
+        return outside_autocast(self.linear, a)
+
+
+class Facet(PotentialModel):
+    """Facet-style potential with a swappable edge-product engine (``tp``) and radial (``radial``).
+
+    Args:
+        atomic_numbers, e0s: element table and isolated-atom energies (eV).
+        r_max: cutoff (Å). num_interactions: layers. channels: C. max_L: hidden degree. max_ell: edge harmonics
+            and message degree.
+        radial: ``spline`` (default; ``num_knots`` knots) or ``mlp`` (``num_bessel`` Bessel functions,
+            ``radial_hidden``). cutoff_p: polynomial cutoff exponent.
+        grid_res: (res_beta, res_alpha) of the mixer grid, or null for the measured default of
+            :func:`potentials.nn.s2_mixer.default_resolution` at the grid degree.
+        grid_lmax: degree of the grid functions (default max_ell). grid_channels: channels on the grid (default C).
+        mixer_heads, mixer_hidden, mixer_act, mixer_final_act: the pointwise MLP.
+        readout_hidden: width of the last-block readout.
+        avg_num_neighbors, scale, shift: dataset statistics.
+    """
+
+    def __init__(
+        self,
+        atomic_numbers: list[int],
+        e0s: dict[int, float] | None = None,
+        *,
+        r_max: float = 5.0,
+        num_interactions: int = 2,
+        channels: int = 16,
+        max_L: int = 2,
+        max_ell: int = 2,
+        tp: str = "cg",
+        radial: str = "spline",
+        num_knots: int = 8,
+        num_bessel: int = 8,
+        cutoff_p: int = 5,
+        radial_hidden: list[int] = (32, 32),
+        grid_res: list[int] | None = None,
+        grid_lmax: int | None = None,
+        grid_channels: int | None = None,
+        mixer_heads: int = 2,
+        mixer_hidden: list[int] = (16,),
+        mixer_act: str = "silu",
+        mixer_final_act: bool = True,
+        readout_hidden: int = 16,
+        avg_num_neighbors: float = 1.0,
+        scale: float = 1.0,
+        shift: float = 0.0,
+    ):
+        super().__init__(atomic_numbers, e0s)
+        if int(num_interactions) < 1:
+            raise PotentialsError(f"model.num_interactions must be ≥ 1, got {num_interactions}")
+        if grid_res is not None and len(grid_res) != 2:
+            raise PotentialsError(f"model.grid_res must be [res_beta, res_alpha] or null, got {grid_res}")
+        self.r_max = float(r_max)
+        engine = get_engine(tp)
+        n_el = self.num_elements
+        self.sh = o3.SphericalHarmonics(
+            o3.Irreps.spherical_harmonics(max_ell), normalize=True, normalization="component"
+        )
+        self.radial_embedding = RadialEmbedding(r_max, num_bessel, cutoff_p) if radial != "spline" else None
+        make_radial = make_radial_factory(
+            radial, num_bessel, list(radial_hidden), r_max=r_max, cutoff_p=cutoff_p, num_knots=num_knots
+        )
+        irreps_target = natural_irreps(channels, max_ell)
+        self.embedding = LinearNodeEmbedding(n_el, natural_irreps(channels, 0))
+        self.convolutions = torch.nn.ModuleList()
+        self.mixers = torch.nn.ModuleList()
+        self.residuals = torch.nn.ModuleList()
+        irreps_node = natural_irreps(channels, 0)
+        for layer in range(num_interactions):
+            irreps_out = natural_irreps(channels, 0 if layer == num_interactions - 1 else max_L)
+            self.convolutions.append(
+                FacetConvolution(engine, irreps_node, self.sh.irreps_out, irreps_target, make_radial, avg_num_neighbors)
+            )
+            self.mixers.append(
+                S2MLPMixer(
+                    irreps_target, irreps_out, grid_channels=grid_channels or channels,
+                    lmax=max_ell if grid_lmax is None else grid_lmax,
+                    res=None if grid_res is None else tuple(grid_res), heads=mixer_heads, hidden=list(mixer_hidden),
+                    act=mixer_act, final_act=mixer_final_act,
+                )
+            )
+            self.residuals.append(o3.Linear(irreps_node, irreps_out))
+            irreps_node = irreps_out
+        self.readout = NonLinearReadout(irreps_node, readout_hidden)
+        self.scale_shift = ScaleShift(n_el, scale, shift)
+
+    def forward(self, graph: AtomicGraph) -> torch.Tensor:
+        """``graph`` → total energy per structure [B] (eV)."""
+        species = self.species(graph["numbers"])
+        dtype = self.embedding.linear.weight.dtype
+        one_hot = torch.nn.functional.one_hot(species, self.num_elements).to(dtype)
+        vectors = edge_vectors(graph).to(dtype)
+        lengths = vectors.norm(dim=-1, keepdim=True)
+        edge_attrs = self.sh(vectors)
+        edge_feats = None if self.radial_embedding is None else self.radial_embedding(lengths)
+        edge_index = graph["edge_index"]
+        h = self.embedding(one_hot)
+        with backbone_autocast():  # bf16/fp16 autocast (if the caller asked) covers only the backbone
+            for conv, mixer, residual in zip(self.convolutions, self.mixers, self.residuals):
+                m = conv(h, edge_attrs, edge_feats, lengths, edge_index)
+                h = mixer(m) + outside_autocast(residual, h)
+        node_energy = self.readout(h.to(dtype)).squeeze(-1)  # the energy head runs in the model dtype
+        atom_energy = self.scale_shift(node_energy, species).to(torch.float64) + self.e0s[species]
+        return scatter_sum(atom_energy, graph["batch"], int(graph["num_atoms"].shape[0]))
