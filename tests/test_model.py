@@ -136,3 +136,12 @@ def test_default_dtype_unchanged():
     build_model(TINY_MODEL, TINY_STATS)
     build_model({**TINY_MODEL, "dtype": "float32"}, TINY_STATS)
     assert torch.get_default_dtype() == before == torch.float32
+
+
+def test_misspelt_radial_option_is_rejected():
+    from potentials.errors import PotentialsError
+    from potentials.models import build_model
+    from tests.conftest import TINY_MODEL, TINY_STATS
+
+    with pytest.raises(PotentialsError, match="num_knot"):
+        build_model({**TINY_MODEL, "num_knot": 5}, TINY_STATS)

@@ -115,7 +115,8 @@ class Facet(PotentialModel):
         )
         self.radial_embedding = RadialEmbedding(r_max, num_bessel, cutoff_p) if radial != "spline" else None
         make_radial = make_radial_factory(
-            radial, num_bessel, list(radial_hidden), r_max=r_max, cutoff_p=cutoff_p, num_knots=num_knots
+            radial, num_bessel, list(radial_hidden), r_max=r_max, cutoff_p=cutoff_p,
+            **({"num_knots": num_knots} if radial == "spline" else {}),
         )
         irreps_target = natural_irreps(channels, max_ell)
         self.embedding = LinearNodeEmbedding(n_el, natural_irreps(channels, 0))

@@ -6,6 +6,7 @@ A factory takes ``weight_numel`` and returns a module mapping the radial embeddi
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -14,6 +15,8 @@ from potentials.errors import PotentialsError
 from potentials.nn.radial import RadialMLP
 
 _RADIALS: dict[str, Callable[..., torch.nn.Module]] = {}
+# Options every model passes to every radial kind (a kind may ignore them).
+SHARED_OPTIONS = {"r_max", "cutoff_p"}
 
 
 def register_radial(name: str):
@@ -34,6 +37,14 @@ def make_radial_factory(kind: str, num_basis: int, hidden: list[int], **options)
     if kind not in _RADIALS:
         raise PotentialsError(f"unknown model.radial={kind!r}; available: {sorted(_RADIALS)}")
     builder = _RADIALS[kind]
+    params = inspect.signature(builder).parameters
+    accepted = {name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    unknown = set(options) - accepted - SHARED_OPTIONS
+    if unknown:  # a typo must not be silently ignored
+        raise PotentialsError(
+            f"unknown option(s) {sorted(unknown)} for model.radial={kind!r}; it accepts "
+            f"{sorted((accepted | SHARED_OPTIONS) - {'num_basis', 'hidden', 'weight_numel'})}"
+        )
     return lambda weight_numel: builder(num_basis=num_basis, hidden=hidden, weight_numel=weight_numel, **options)
 
 from potentials.nn import spline  # noqa: E402,F401  (registers "spline")
