@@ -11,6 +11,7 @@ import torch
 
 from potentials.data.graph import AtomicGraph
 from potentials.errors import PotentialsError
+from potentials.nn.ops import scatter_sum
 
 try:  # ase is a hard dependency, but keep the import local to this helper
     from ase.data import chemical_symbols
@@ -43,6 +44,20 @@ class PotentialModel(torch.nn.Module):
             known = [chemical_symbols[z] for z in self.atomic_numbers]
             raise PotentialsError(f"element(s) {names} not in the model's element table {known}")
         return idx
+
+
+    def node_and_edge_inputs(self, graph: AtomicGraph, dtype: torch.dtype):
+        """Species [n], one-hot [n, num_elements], edge vectors [E, 3] and lengths [E, 1] (Å) in ``dtype``;
+        the vectors are formed in the dtype of the positions (float64 from the data) before the cast."""
+        species = self.species(graph["numbers"])
+        one_hot = torch.nn.functional.one_hot(species, self.num_elements).to(dtype)
+        vectors = edge_vectors(graph).to(dtype)
+        return species, one_hot, vectors, vectors.norm(dim=-1, keepdim=True)
+
+    def total_energy(self, node_energy: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
+        """Per-atom model energies [n] → scale/shift + E0 in float64 → summed per structure [B] (eV)."""
+        atom_energy = self.scale_shift(node_energy, species).to(torch.float64) + self.e0s[species]
+        return scatter_sum(atom_energy, graph["batch"], int(graph["num_atoms"].shape[0]))
 
 
 def edge_vectors(graph: AtomicGraph) -> torch.Tensor:

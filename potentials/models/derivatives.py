@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from potentials.data.graph import AtomicGraph
-from potentials.models.precision import outer_autocast_captured
+from potentials.nn.precision import outer_autocast_captured
 
 
 def energy_forces_stress(
@@ -26,7 +26,7 @@ def energy_forces_stress(
     Returns ``energy`` [B], and if asked ``forces`` [n, 3] and ``stress`` [B, 3, 3]. With
     ``training=True`` the graph of the derivatives is kept so a loss on forces/stress can be back-propagated.
     Under an outer ``torch.autocast`` only the model's backbone runs in reduced precision
-    (:mod:`potentials.models.precision`); geometry, energy sum and derivatives stay in full precision.
+    (:mod:`potentials.nn.precision`); geometry, energy sum and derivatives stay in full precision.
     """
     with outer_autocast_captured(graph["positions"].device.type):
         return _energy_forces_stress(model, graph, forces, stress, training)

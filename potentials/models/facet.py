@@ -24,37 +24,14 @@ from e3nn import o3
 
 from potentials.data.graph import AtomicGraph
 from potentials.errors import PotentialsError
-from potentials.models.base import PotentialModel, edge_vectors
+from potentials.models.base import PotentialModel
 from potentials.models.mace import natural_irreps
-from potentials.models.precision import backbone_autocast, outside_autocast
-from potentials.nn.blocks import LinearNodeEmbedding, NonLinearReadout, ScaleShift, scatter_sum
+from potentials.nn.precision import backbone_autocast, outside_autocast
+from potentials.nn.blocks import EdgeConvolution, LinearNodeEmbedding, NonLinearReadout, ScaleShift
 from potentials.nn.radial import RadialEmbedding
 from potentials.nn.radials import make_radial_factory
 from potentials.nn.s2_mixer import S2MLPMixer
 from potentials.nn.tp import get_engine
-
-
-class FacetConvolution(torch.nn.Module):
-    """Channel-wise (uvu) edge convolution with per-edge radial weights; no product basis.
-
-    node_feats [n, irreps_node.dim], edge_attrs [E, sh.dim], radial_in [E, ·] (lengths or embedding),
-    edge_index [2, E] → messages [n, irreps_target.dim].
-    """
-
-    def __init__(self, engine, irreps_node, irreps_sh, irreps_target, make_radial, avg_num_neighbors: float):
-        super().__init__()
-        self.linear_up = o3.Linear(irreps_node, irreps_node)
-        self.tp = engine.edge_tp(o3.Irreps(irreps_node), o3.Irreps(irreps_sh), o3.Irreps(irreps_target))
-        self.radial = make_radial(self.tp.weight_numel)
-        self.linear = o3.Linear(self.tp.irreps_out, o3.Irreps(irreps_target))
-        self.avg_num_neighbors = float(avg_num_neighbors)
-
-    def forward(self, node_feats, edge_attrs, edge_feats, edge_lengths, edge_index):
-        h = outside_autocast(self.linear_up, node_feats)  # e3nn Linears run in float32 under autocast
-        radial_in = edge_lengths if getattr(self.radial, "uses_lengths", False) else edge_feats
-        messages = self.tp(h[edge_index[1]], edge_attrs, self.radial(radial_in))
-        a = scatter_sum(messages, edge_index[0], node_feats.shape[0]) / self.avg_num_neighbors
-        return outside_autocast(self.linear, a)
 
 
 class Facet(PotentialModel):
@@ -127,7 +104,7 @@ class Facet(PotentialModel):
         for layer in range(num_interactions):
             irreps_out = natural_irreps(channels, 0 if layer == num_interactions - 1 else max_L)
             self.convolutions.append(
-                FacetConvolution(engine, irreps_node, self.sh.irreps_out, irreps_target, make_radial, avg_num_neighbors)
+                EdgeConvolution(engine, irreps_node, self.sh.irreps_out, irreps_target, make_radial, avg_num_neighbors)
             )
             self.mixers.append(
                 S2MLPMixer(
@@ -144,11 +121,8 @@ class Facet(PotentialModel):
 
     def forward(self, graph: AtomicGraph) -> torch.Tensor:
         """``graph`` → total energy per structure [B] (eV)."""
-        species = self.species(graph["numbers"])
         dtype = self.embedding.linear.weight.dtype
-        one_hot = torch.nn.functional.one_hot(species, self.num_elements).to(dtype)
-        vectors = edge_vectors(graph).to(dtype)
-        lengths = vectors.norm(dim=-1, keepdim=True)
+        species, one_hot, vectors, lengths = self.node_and_edge_inputs(graph, dtype)
         edge_attrs = self.sh(vectors)
         edge_feats = None if self.radial_embedding is None else self.radial_embedding(lengths)
         edge_index = graph["edge_index"]
@@ -158,5 +132,4 @@ class Facet(PotentialModel):
                 m = conv(h, edge_attrs, edge_feats, lengths, edge_index)
                 h = mixer(m) + outside_autocast(residual, h)
         node_energy = self.readout(h.to(dtype)).squeeze(-1)  # the energy head runs in the model dtype
-        atom_energy = self.scale_shift(node_energy, species).to(torch.float64) + self.e0s[species]
-        return scatter_sum(atom_energy, graph["batch"], int(graph["num_atoms"].shape[0]))
+        return self.total_energy(node_energy, species, graph)

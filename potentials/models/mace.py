@@ -12,8 +12,8 @@ import torch
 from e3nn import o3
 
 from potentials.data.graph import AtomicGraph
-from potentials.models.base import PotentialModel, edge_vectors
-from potentials.models.precision import backbone_autocast
+from potentials.models.base import PotentialModel
+from potentials.nn.precision import backbone_autocast
 from potentials.nn.blocks import (
     InteractionBlock,
     LinearNodeEmbedding,
@@ -21,7 +21,6 @@ from potentials.nn.blocks import (
     NonLinearReadout,
     ProductBlock,
     ScaleShift,
-    scatter_sum,
 )
 from potentials.nn.radial import RadialEmbedding
 from potentials.nn.radials import make_radial_factory
@@ -105,11 +104,8 @@ class MACE(PotentialModel):
 
     def forward(self, graph: AtomicGraph) -> torch.Tensor:
         """``graph`` → total energy per structure [B] (eV)."""
-        species = self.species(graph["numbers"])
         dtype = self.embedding.linear.weight.dtype
-        one_hot = torch.nn.functional.one_hot(species, self.num_elements).to(dtype)
-        vectors = edge_vectors(graph).to(dtype)
-        lengths = vectors.norm(dim=-1, keepdim=True)
+        species, one_hot, vectors, lengths = self.node_and_edge_inputs(graph, dtype)
         edge_attrs = self.sh(vectors)
         edge_feats = self.radial_embedding(lengths)
         edge_index = graph["edge_index"]
@@ -121,5 +117,4 @@ class MACE(PotentialModel):
                 node_feats = product(a, species, sc)
             node_feats = node_feats.to(dtype)  # the energy head always runs in the model dtype
             node_energy = node_energy + readout(node_feats)
-        atom_energy = self.scale_shift(node_energy.squeeze(-1), species).to(torch.float64) + self.e0s[species]
-        return scatter_sum(atom_energy, graph["batch"], int(graph["num_atoms"].shape[0]))
+        return self.total_energy(node_energy.squeeze(-1), species, graph)

@@ -13,14 +13,9 @@ import torch
 from e3nn import nn as enn
 from e3nn import o3
 
-from potentials.models.precision import outside_autocast
+from potentials.nn.ops import scatter_sum
+from potentials.nn.precision import outside_autocast
 from potentials.nn.tp.base import Engine
-
-
-def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
-    """Sum rows of ``src`` [E, ...] into ``dim_size`` bins given by ``index`` [E]."""
-    out = torch.zeros((dim_size, *src.shape[1:]), dtype=src.dtype, device=src.device)
-    return out.index_add_(0, index, src)
 
 
 class LinearNodeEmbedding(torch.nn.Module):
@@ -34,15 +29,40 @@ class LinearNodeEmbedding(torch.nn.Module):
         return self.linear(one_hot)
 
 
-class InteractionBlock(torch.nn.Module):
-    """MACE interaction (``RealAgnosticResidualInteractionBlock``).
+class EdgeConvolution(torch.nn.Module):
+    """Channel-wise edge convolution: ``A_i = Linear( Σ_{j∈N(i)} TP(Linear(h_j), Y(r̂_ij); R(r_ij)) ) / avg_num_neighbors``.
 
-    ``A_i = Linear( Σ_{j∈N(i)} TP(Linear(h_j), Y(r̂_ij); R(r_ij)) ) / avg_num_neighbors`` with irreps
-    ``irreps_target`` (= C x edge-SH irreps), and a residual ``sc = h_i ⊗ onehot(z_i)`` → ``irreps_hidden``.
+    The edge product ``TP`` comes from the engine; ``R`` is the radial network built by ``make_radial``
+    (a radial with ``uses_lengths = True``, e.g. the spline, reads the lengths, otherwise the radial embedding).
+    Inputs: node_feats [n, irreps_node.dim], edge_attrs [E, irreps_sh.dim], edge_feats [E, num_basis] or None,
+    edge_lengths [E, 1] (Å), edge_index [2, E] (centre i, neighbour j) → A [n, irreps_target.dim].
+    """
 
-    Inputs: node_feats [n, irreps_node.dim], one_hot [n, num_elements], edge_attrs [E, irreps_sh.dim],
-    edge_feats [E, num_basis], edge_index [2, E] (centre i, neighbour j), edge_lengths [E, 1] (only read by
-    a radial with ``uses_lengths = True``). Returns (A [n, target.dim], sc [n, hidden.dim]).
+    def __init__(self, engine: Engine, irreps_node, irreps_sh, irreps_target, make_radial, avg_num_neighbors: float):
+        super().__init__()
+        self.irreps_node, self.irreps_target = o3.Irreps(irreps_node), o3.Irreps(irreps_target)
+        self.linear_up = o3.Linear(self.irreps_node, self.irreps_node)
+        self.tp = engine.edge_tp(self.irreps_node, o3.Irreps(irreps_sh), self.irreps_target)
+        self.radial = make_radial(self.tp.weight_numel)
+        self.linear = o3.Linear(self.tp.irreps_out, self.irreps_target)
+        self.avg_num_neighbors = float(avg_num_neighbors)
+
+    def convolve(self, node_feats, edge_attrs, edge_feats, edge_lengths, edge_index) -> torch.Tensor:
+        h = outside_autocast(self.linear_up, node_feats)
+        radial_in = edge_lengths if getattr(self.radial, "uses_lengths", False) else edge_feats
+        messages = self.tp(h[edge_index[1]], edge_attrs, self.radial(radial_in))
+        a = scatter_sum(messages, edge_index[0], node_feats.shape[0]) / self.avg_num_neighbors
+        return outside_autocast(self.linear, a)
+
+    def forward(self, node_feats, edge_attrs, edge_feats, edge_lengths, edge_index) -> torch.Tensor:
+        return self.convolve(node_feats, edge_attrs, edge_feats, edge_lengths, edge_index)
+
+
+class InteractionBlock(EdgeConvolution):
+    """MACE interaction (``RealAgnosticResidualInteractionBlock``): the :class:`EdgeConvolution` to
+    ``irreps_target`` (= C x edge-SH irreps) plus a residual ``sc = h_i ⊗ onehot(z_i)`` → ``irreps_hidden``.
+
+    Returns (A [n, target.dim], sc [n, hidden.dim]).
     """
 
     def __init__(
@@ -56,26 +76,14 @@ class InteractionBlock(torch.nn.Module):
         make_radial: Callable[[int], torch.nn.Module],
         avg_num_neighbors: float,
     ):
-        super().__init__()
-        self.irreps_node, self.irreps_target = o3.Irreps(irreps_node), o3.Irreps(irreps_target)
-        self.linear_up = o3.Linear(self.irreps_node, self.irreps_node)
-        self.tp = engine.edge_tp(self.irreps_node, irreps_sh, self.irreps_target)
-        self.radial = make_radial(self.tp.weight_numel)
-        self.linear = o3.Linear(self.tp.irreps_out, self.irreps_target)
+        super().__init__(engine, irreps_node, irreps_sh, irreps_target, make_radial, avg_num_neighbors)
         self.skip = o3.FullyConnectedTensorProduct(
             self.irreps_node, o3.Irreps(f"{num_elements}x0e"), o3.Irreps(irreps_hidden)
         )
-        self.avg_num_neighbors = float(avg_num_neighbors)
 
     def forward(self, node_feats, one_hot, edge_attrs, edge_feats, edge_index, edge_lengths=None):
         sc = outside_autocast(self.skip, node_feats, one_hot)
-        h = self.linear_up(node_feats)
-        centre, neighbour = edge_index[0], edge_index[1]
-        # a radial with ``uses_lengths = True`` (e.g. the spline) takes the edge lengths [E, 1], not the embedding
-        radial_in = edge_lengths if getattr(self.radial, "uses_lengths", False) else edge_feats
-        messages = self.tp(h[neighbour], edge_attrs, self.radial(radial_in))
-        a = scatter_sum(messages, centre, node_feats.shape[0]) / self.avg_num_neighbors
-        return self.linear(a), sc
+        return self.convolve(node_feats, edge_attrs, edge_feats, edge_lengths, edge_index), sc
 
 
 class ProductBlock(torch.nn.Module):

@@ -104,7 +104,7 @@ def apply_precision(cfg_precision: str | None, model_cfg: dict, tf32: bool) -> s
 
     ``64-true``/``32-true`` set ``model.dtype`` and need no Lightning plugin (Lightning's ``64-true`` would
     also change torch's default dtype while stepping); ``*-mixed`` keeps a float32 model and lets Lightning
-    autocast, which :mod:`potentials.models.precision` confines to the backbone.
+    autocast, which :mod:`potentials.nn.precision` confines to the backbone.
     """
     if tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from e3nn import o3
 
-from potentials.models.precision import outside_autocast
+from potentials.nn.precision import outside_autocast
 from potentials.nn.symmetric_contraction import SymmetricContraction
 from potentials.nn.tp.base import EdgeTensorProduct, Engine, ProductBasis, register_engine
 
