@@ -140,3 +140,21 @@ def test_bench_relax_smoke(tmp_path):
         assert r["steps"] == 2 and r["converged"] is False
         if r["side"] == "ours" and PEER:
             positive(r, "wall_speedup_vs_peer", "per_call_speedup_vs_peer")
+
+
+def test_bench_precision_smoke(tmp_path):
+    out = tmp_path / "precision.json"
+    cmd = [sys.executable, str(SCRIPTS / "bench_precision.py"), "--quick", "--threads", "1", "--json", str(out),
+           "--demo-path", str(tmp_path / "demo.extxyz")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["schema_version"] == bc.SCHEMA_VERSION and payload["benchmark"] == "precision"
+    rows = payload["rows"]
+    assert {r["engine"] for r in rows} == {"cg", "gaunt_grid"}
+    measured = [r for r in rows if "skipped" not in r]
+    assert {r["precision"] for r in measured} >= {"fp32", "bf16-mixed"}
+    for r in measured:
+        positive(r, "steps_per_s", "force_rmse_vs_f64", "speedup_vs_fp32")
+    bf16 = [r for r in measured if r["precision"] == "bf16-mixed"]
+    assert all(r["force_err_ratio_vs_fp32"] > 1 for r in bf16)  # reduced precision must show up in the forces
