@@ -14,11 +14,17 @@ from potentials.data.graph import AtomicGraph, collate
 from potentials.models import energy_forces_stress
 
 
-def predict(model: torch.nn.Module, graphs: Iterable[AtomicGraph], batch_size: int = 16, device="cpu") -> dict:
+def predict(
+    model: torch.nn.Module, graphs: Iterable[AtomicGraph], batch_size: int = 16, device="cpu", return_numbers: bool = False,
+):
     """Reference and predicted energy per atom (eV/atom), force components (eV/Å) and stress components
-    (eV/Å³, only structures with stress) as flat numpy arrays: ``{quantity: (ref, pred)}``."""
+    (eV/Å³, only structures with stress) as flat numpy arrays: ``{quantity: (ref, pred)}``.
+
+    With ``return_numbers=True`` returns ``(preds, numbers)`` where ``numbers["forces"]`` is the atomic number of
+    each scored force component (same length and order as ``preds["forces"]``), for per-element errors."""
     graphs = list(graphs)
     acc: dict[str, tuple[list, list]] = {"energy": ([], []), "forces": ([], []), "stress": ([], [])}
+    force_numbers: list[np.ndarray] = []
     for start in range(0, len(graphs), batch_size):
         g = collate(graphs[start:start + batch_size]).to(device)
         has_stress = "stress" in g and bool((g["stress_weight"] > 0).any())
@@ -32,11 +38,15 @@ def predict(model: torch.nn.Module, graphs: Iterable[AtomicGraph], batch_size: i
             mask = (w > 0).cpu().numpy()  # fixed atoms (forces_mask 0) are not scored
             acc["forces"][0].append(g["forces"].cpu().numpy()[mask].ravel())
             acc["forces"][1].append(out["forces"].detach().cpu().numpy()[mask].ravel())
+            force_numbers.append(np.repeat(g["numbers"].cpu().numpy()[mask], 3))
         if has_stress:
             mask = (g["stress_weight"] > 0).cpu().numpy()
             acc["stress"][0].append(g["stress"].cpu().numpy()[mask].ravel())
             acc["stress"][1].append(out["stress"].detach().cpu().numpy()[mask].ravel())
-    return {k: (np.concatenate(r), np.concatenate(p)) for k, (r, p) in acc.items() if r}
+    preds = {k: (np.concatenate(r), np.concatenate(p)) for k, (r, p) in acc.items() if r}
+    if return_numbers:
+        return preds, ({"forces": np.concatenate(force_numbers)} if force_numbers else {})
+    return preds
 
 
 def error_table(preds: dict) -> dict[str, float]:
