@@ -419,30 +419,40 @@ def frame_from_pyg(m: dict, path: str, key: int, options: dict) -> Frame:
     return f
 
 
-def convert_lmdb(unit, options) -> Iterator:
-    _, path, start, stop = unit
+def _convert_lmdb_records(path, ids, what: str, decode_failure: str, decode, to_frame, options) -> Iterator:
+    """Frames (or :class:`FrameError`) of the LMDB records with decimal-string keys ``ids``: each raw value is
+    ``decode``d, then turned into a frame by ``to_frame(record, path, id, options)``."""
     env = _open_env(Path(path))
     try:
         with env.begin() as txn:
-            for key in range(start, stop):
+            for key in ids:
                 raw = txn.get(str(key).encode("ascii"))
                 where = f"{path}, frame {key}"
                 if raw is None:
-                    yield FrameError(f"{where}: key {key} is missing (file truncated or corrupt?)")
+                    yield FrameError(f"{where}: {what} {key} is missing (file truncated or corrupt?)")
                     continue
                 try:
-                    m = pyg_mapping(PygUnpickler(io.BytesIO(raw)).load())
+                    record = decode(raw)
                 except Exception as exc:
-                    yield FrameError(f"{where}: cannot unpickle the stored graph ({type(exc).__name__}: {exc})")
+                    yield FrameError(f"{where}: {decode_failure} ({type(exc).__name__}: {exc})")
                     continue
                 try:
-                    yield frame_from_pyg(m, path, key, options)
+                    yield to_frame(record, path, key, options)
                 except FrameError as exc:
                     yield exc
                 except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
                     yield FrameError(f"{where}: malformed record ({type(exc).__name__}: {exc})")
     finally:
         env.close()
+
+
+def convert_lmdb(unit, options) -> Iterator:
+    """Legacy S2EF/IS2RE ``data.lmdb`` records: pickled PyG graphs, read without torch_geometric."""
+    _, path, start, stop = unit
+    decode = lambda raw: pyg_mapping(PygUnpickler(io.BytesIO(raw)).load())  # noqa: E731
+    return _convert_lmdb_records(
+        path, range(start, stop), "key", "cannot unpickle the stored graph", decode, frame_from_pyg, options
+    )
 
 
 # -------------------------------------------------------------------------------------------- ASE-LMDB
@@ -541,32 +551,11 @@ def frame_from_aselmdb(rec: dict, path: str, row_id: int, options: dict) -> Fram
 
 
 def convert_aselmdb(unit, options) -> Iterator:
+    """``.aselmdb`` rows (zlib-compressed JSON), skipping deleted ids."""
     _, path, start, stop, deleted = unit
     deleted = set(deleted)
-    env = _open_env(Path(path))
-    try:
-        with env.begin() as txn:
-            for row_id in range(start, stop):
-                if row_id in deleted:
-                    continue
-                where = f"{path}, frame {row_id}"
-                raw = txn.get(str(row_id).encode("ascii"))
-                if raw is None:
-                    yield FrameError(f"{where}: row {row_id} is missing (file truncated or corrupt?)")
-                    continue
-                try:
-                    rec = decode_aselmdb(raw)
-                except Exception as exc:
-                    yield FrameError(f"{where}: cannot decode the row ({type(exc).__name__}: {exc})")
-                    continue
-                try:
-                    yield frame_from_aselmdb(rec, path, row_id, options)
-                except FrameError as exc:
-                    yield exc
-                except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-                    yield FrameError(f"{where}: malformed record ({type(exc).__name__}: {exc})")
-    finally:
-        env.close()
+    ids = [i for i in range(start, stop) if i not in deleted]
+    return _convert_lmdb_records(path, ids, "row", "cannot decode the row", decode_aselmdb, frame_from_aselmdb, options)
 
 
 # ------------------------------------------------------------------------------------------------- plan
