@@ -20,8 +20,8 @@ from potentials.data.neighbors import atoms_to_graph
 from potentials.errors import PotentialsError
 from potentials.models import DTYPES, build_model, energy_forces_stress
 
-# Options that change how a model computes, never which weights it has.
-INFERENCE_OVERRIDES = ("tp", "dtype")
+# Options that change how a model computes, never which weights it has (grid_res: Facet's mixer grid).
+INFERENCE_OVERRIDES = ("tp", "dtype", "grid_res")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
@@ -55,6 +55,8 @@ def model_from_checkpoint(path: str | os.PathLike, device="cpu", **overrides) ->
             )
         if key == "dtype" and value not in DTYPES:
             raise PotentialsError(f"dtype must be one of {sorted(DTYPES)}, got {value!r}")
+        if key == "grid_res" and isinstance(value, str):  # e.g. "20,20" from a command line
+            value = [int(v) for v in value.replace("x", ",").split(",")]
         model_cfg[key] = value
     model = build_model(model_cfg, hp["stats"])
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

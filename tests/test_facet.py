@@ -340,3 +340,19 @@ def test_facet_bf16_autocast_backbone(facet, periodic_atoms):
         out = energy_forces_stress(m32, g, stress=True)
     assert out["energy"].dtype == out["forces"].dtype == out["stress"].dtype == torch.float64
     assert 0 < rel(out["forces"].detach(), ref["forces"].detach()) < 0.2
+
+
+def test_calculator_can_change_the_mixer_grid_at_inference(facet, periodic_atoms, tmp_path):
+    """The grid is not a weight: a checkpoint evaluates at a finer grid (same energy to the grid's accuracy)."""
+    from potentials.calculator import model_from_checkpoint
+
+    path = tmp_path / "facet.ckpt"
+    torch.save({"hyper_parameters": {"model_cfg": TINY_FACET, "stats": TINY_STATS},
+                "state_dict": {"model." + k: v for k, v in facet.state_dict().items()}}, path)
+    fine = model_from_checkpoint(path, grid_res="24,24")
+    assert tuple(fine.mixers[0].res) == (24, 24)
+    e_default = evaluate(facet, [periodic_atoms])["energy"]
+    e_fine = evaluate(fine, [periodic_atoms])["energy"]
+    assert rel(e_fine, e_default) < 1e-6
+    with pytest.raises(PotentialsError, match="channels"):
+        model_from_checkpoint(path, channels=8)
