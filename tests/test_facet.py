@@ -17,7 +17,14 @@ from potentials.nn.radial import PolynomialCutoff
 from potentials.nn.s2_mixer import MIXER_EQUIVARIANCE_BOUND, S2MLPMixer, default_resolution, s2_grid_pair
 from potentials.nn.spline import GatherContract, SplineRadial, cubic_bspline_pieces
 from tests.conftest import TINY_MODEL, TINY_STATS
-from tests.test_model import evaluate, random_orthogonal, rel, transformed
+from tests.test_model import (
+    assert_forces_match_fd,
+    assert_stress_matches_fd,
+    evaluate,
+    random_orthogonal,
+    rel,
+    transformed,
+)
 
 TINY_FACET = dict(
     name="facet", tp="cg", radial="spline", dtype="float64", r_max=4.0, num_interactions=2, channels=4, max_L=1,
@@ -233,33 +240,9 @@ def test_facet_float32_equivariance(facet, periodic_atoms):
     assert rel(ref["forces"], evaluate(facet, [periodic_atoms])["forces"]) < 1e-4
 
 
-def _fd_forces_and_stress(model, atoms):
-    ref = evaluate(model, [atoms])
-    h = 1e-5
-    for i, c in [(0, 0), (1, 2), (3, 1)]:
-        energies = []
-        for sign in (1, -1):
-            a = atoms.copy()
-            a.positions[i, c] += sign * h
-            energies.append(float(evaluate(model, [a], stress=False)["energy"][0]))
-        fd = -(energies[0] - energies[1]) / (2 * h)
-        assert abs(fd - float(ref["forces"][i, c])) < 1e-7 * max(1.0, abs(fd))
-    return ref
-
-
 def test_facet_forces_and_stress_are_energy_derivatives(facet, periodic_atoms):
-    ref = _fd_forces_and_stress(facet, periodic_atoms)
-    volume, h = periodic_atoms.get_volume(), 1e-5
-    for a_, b_ in [(0, 0), (1, 2)]:
-        eps = np.zeros((3, 3))
-        eps[a_, b_] = eps[b_, a_] = h
-        energies = []
-        for sign in (1, -1):
-            a = periodic_atoms.copy()
-            a.set_cell(periodic_atoms.cell.array @ (np.eye(3) + sign * eps), scale_atoms=True)
-            energies.append(float(evaluate(facet, [a], stress=False)["energy"][0]))
-        fd = (energies[0] - energies[1]) / (2 * h) / volume / (2 if a_ != b_ else 1)
-        assert abs(fd - float(ref["stress"][0, a_, b_])) < 1e-8
+    assert_forces_match_fd(facet, periodic_atoms)
+    assert_stress_matches_fd(facet, periodic_atoms, components=((0, 0), (1, 2)))
 
 
 def test_facet_batch_equals_individual(facet, periodic_atoms, molecule_atoms):
@@ -272,23 +255,10 @@ def test_facet_batch_equals_individual(facet, periodic_atoms, molecule_atoms):
 
 
 def test_facet_a_few_steps_lower_the_loss(demo_file):
-    from potentials.train.datamodule import PotentialDataModule
-    from potentials.train.module import PotentialModule
+    from tests.test_train import losses_of_a_few_steps
 
-    torch.manual_seed(0)
-    dm = PotentialDataModule([demo_file], r_max=TINY_FACET["r_max"], batch_size=4, seed=0)
-    dm.setup()
     cfg = {**TINY_FACET, "grid_res": [8, 8]}  # coarse grid: this test is about optimisation, not symmetry
-    module = PotentialModule(cfg, dm.statistics(), loss={"energy": 1, "forces": 10, "stress": 100}, optim={"lr": 0.01})
-    optimizer = module.configure_optimizers()["optimizer"]
-    batch = next(iter(dm.train_dataloader()))
-    losses = []
-    for _ in range(12):
-        optimizer.zero_grad()
-        loss = module.loss_fn(module(batch, training=True), batch)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = losses_of_a_few_steps(cfg, demo_file, batch_size=4)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -316,7 +286,7 @@ def test_mace_with_spline_radial(periodic_atoms, molecule_atoms):
     torch.manual_seed(0)
     model = build_model({**TINY_MODEL, "radial": "spline", "num_knots": 6}, TINY_STATS)
     assert all(isinstance(block.radial, SplineRadial) for block in model.interactions)
-    _fd_forces_and_stress(model, periodic_atoms)
+    assert_forces_match_fd(model, periodic_atoms)
     for atoms, seed in [(periodic_atoms, 11), (molecule_atoms, 12)]:
         q = random_orthogonal(seed, seed == 12)
         stress = bool(atoms.pbc.any())

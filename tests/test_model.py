@@ -55,33 +55,42 @@ def test_invariance_and_equivariance(tiny_model, periodic_atoms, molecule_atoms,
         assert rel(out["stress"][0], qt @ ref["stress"][0] @ qt.T) < 1e-10
 
 
-def test_forces_are_minus_energy_gradient(tiny_model, periodic_atoms):
-    ref = evaluate(tiny_model, [periodic_atoms])
-    h = 1e-5
+def assert_forces_match_fd(model, atoms, h: float = 1e-5) -> dict:
+    """Forces equal −dE/dx by central differences on three components; returns the reference outputs."""
+    ref = evaluate(model, [atoms])
     for i, c in [(0, 0), (1, 2), (3, 1)]:
         energies = []
         for sign in (1, -1):
-            a = periodic_atoms.copy()
+            a = atoms.copy()
             a.positions[i, c] += sign * h
-            energies.append(float(evaluate(tiny_model, [a], stress=False)["energy"][0]))
+            energies.append(float(evaluate(model, [a], stress=False)["energy"][0]))
         fd = -(energies[0] - energies[1]) / (2 * h)
         assert abs(fd - float(ref["forces"][i, c])) < 1e-7 * max(1.0, abs(fd))
+    return ref
 
 
-def test_stress_is_strain_derivative_over_volume(tiny_model, periodic_atoms):
-    ref = evaluate(tiny_model, [periodic_atoms])
-    volume = periodic_atoms.get_volume()
-    h = 1e-5
-    for a_, b_ in [(0, 0), (1, 2), (2, 2)]:
+def assert_stress_matches_fd(model, atoms, components=((0, 0), (1, 2), (2, 2)), h: float = 1e-5) -> None:
+    """Stress equals the central-difference strain derivative of E divided by the volume."""
+    ref = evaluate(model, [atoms])
+    volume = atoms.get_volume()
+    for a_, b_ in components:
         eps = np.zeros((3, 3))
         eps[a_, b_] = eps[b_, a_] = h
         energies = []
         for sign in (1, -1):
-            a = periodic_atoms.copy()
-            a.set_cell(periodic_atoms.cell.array @ (np.eye(3) + sign * eps), scale_atoms=True)
-            energies.append(float(evaluate(tiny_model, [a], stress=False)["energy"][0]))
+            a = atoms.copy()
+            a.set_cell(atoms.cell.array @ (np.eye(3) + sign * eps), scale_atoms=True)
+            energies.append(float(evaluate(model, [a], stress=False)["energy"][0]))
         fd = (energies[0] - energies[1]) / (2 * h) / volume / (2 if a_ != b_ else 1)
         assert abs(fd - float(ref["stress"][0, a_, b_])) < 1e-8
+
+
+def test_forces_are_minus_energy_gradient(tiny_model, periodic_atoms):
+    assert_forces_match_fd(tiny_model, periodic_atoms)
+
+
+def test_stress_is_strain_derivative_over_volume(tiny_model, periodic_atoms):
+    assert_stress_matches_fd(tiny_model, periodic_atoms)
 
 
 def test_stress_matches_ase_sign_convention():

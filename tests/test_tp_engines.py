@@ -12,10 +12,8 @@ import pytest
 import torch
 from e3nn import o3
 
-from potentials.data.graph import collate
-from potentials.data.neighbors import atoms_to_graph
 from potentials.errors import PotentialsError
-from potentials.models import build_model, energy_forces_stress
+from potentials.models import build_model
 from potentials.nn.tp import available_engines, get_engine
 from potentials.nn.tp import gaunt_fft as fft_mod
 from potentials.nn.tp.audit import path_audit, product_basis_audit, symmetric_coupling_count
@@ -30,6 +28,7 @@ from potentials.nn.tp.gaunt import (
 )
 from potentials.nn.tp.gaunt_grid import GridPowerKernel, GridProductKernel
 from tests.conftest import REPO, TINY_MODEL, TINY_STATS
+from tests.test_model import assert_forces_match_fd, evaluate, random_orthogonal, rel, transformed
 
 GAUNT = ["gaunt_grid", "gaunt_fft"]
 TOL = 1e-10
@@ -243,60 +242,28 @@ def test_too_small_resolution_raises_with_minimum(engine, minimum):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _atoms():
-    from ase.build import bulk
-
-    atoms = bulk("Cu", "fcc", a=3.7).repeat((2, 2, 1))
-    atoms.set_chemical_symbols(["Cu", "Au", "Cu", "Au"])
-    atoms.set_cell(atoms.cell.array @ np.array([[1.0, 0.02, 0.0], [0.0, 1.0, -0.03], [0.01, 0.0, 1.0]]), scale_atoms=True)
-    atoms.rattle(0.1, seed=3)
-    return atoms
-
-
-def _evaluate(model, atoms, stress=False):
-    g = collate([atoms_to_graph(atoms, TINY_MODEL["r_max"])])
-    out = energy_forces_stress(model, g, forces=True, stress=stress)
-    return {k: v.detach() for k, v in out.items()}
-
-
 def _model(tp, seed=0):
     torch.manual_seed(seed)
     return build_model(dict(TINY_MODEL, tp=tp), TINY_STATS)
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
-
-
 @pytest.mark.parametrize("engine", GAUNT)
-def test_model_invariance_equivariance_and_forces(engine):
-    model, atoms = _model(engine), _atoms()
-    ref = _evaluate(model, atoms, stress=True)
+def test_model_invariance_equivariance_and_forces(engine, periodic_atoms):
+    model, atoms = _model(engine), periodic_atoms
+    ref = evaluate(model, [atoms], stress=True)
     assert ref["forces"].abs().max() > 1e-6
+    perm = np.random.default_rng(5).permutation(len(atoms))
     for seed, reflect in [(11, False), (12, True)]:
-        q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-        q = q * np.sign(np.linalg.det(q)) * (-1 if reflect else 1)
-        perm = np.random.default_rng(5).permutation(len(atoms))
-        moved = atoms[perm]
-        moved.positions = atoms.positions[perm] @ q.T + np.array([0.3, -1.2, 2.5])
-        moved.set_cell(atoms.cell.array @ q.T, scale_atoms=False)
-        out = _evaluate(model, moved, stress=True)
+        q = random_orthogonal(seed, reflect)
+        out = evaluate(model, [transformed(atoms, q, np.array([0.3, -1.2, 2.5]), perm)], stress=True)
         qt = torch.from_numpy(q)
-        assert _rel(out["energy"], ref["energy"]) < 1e-10
-        assert _rel(out["forces"], ref["forces"][perm] @ qt.T) < 1e-10
-        assert _rel(out["stress"][0], qt @ ref["stress"][0] @ qt.T) < 1e-10
-    h = 1e-5
-    for i, c in [(0, 0), (2, 1), (3, 2)]:
-        energies = []
-        for sign in (1, -1):
-            a = atoms.copy()
-            a.positions[i, c] += sign * h
-            energies.append(float(_evaluate(model, a)["energy"][0]))
-        fd = -(energies[0] - energies[1]) / (2 * h)
-        assert abs(fd - float(ref["forces"][i, c])) < 1e-7 * max(1.0, abs(fd))
+        assert rel(out["energy"], ref["energy"]) < 1e-10
+        assert rel(out["forces"], ref["forces"][perm] @ qt.T) < 1e-10
+        assert rel(out["stress"][0], qt @ ref["stress"][0] @ qt.T) < 1e-10
+    assert_forces_match_fd(model, atoms)
 
 
-def test_weights_transfer_between_gaunt_engines(tmp_path):
+def test_weights_transfer_between_gaunt_engines(tmp_path, periodic_atoms):
     from potentials.calculator import model_from_checkpoint
 
     fft_model = _model("gaunt_fft", seed=3)
@@ -305,8 +272,8 @@ def test_weights_transfer_between_gaunt_engines(tmp_path):
     assert list(state) == list(grid_model.state_dict())
     assert all(state[k].shape == v.shape for k, v in grid_model.state_dict().items())
     grid_model.load_state_dict(state)
-    atoms = _atoms()
-    a, b = _evaluate(fft_model, atoms, stress=True), _evaluate(grid_model, atoms, stress=True)
+    atoms = periodic_atoms
+    a, b = evaluate(fft_model, [atoms], stress=True), evaluate(grid_model, [atoms], stress=True)
     for key in ("energy", "forces", "stress"):
         assert (a[key] - b[key]).abs().max() < 1e-9
 
@@ -317,7 +284,7 @@ def test_weights_transfer_between_gaunt_engines(tmp_path):
                 "state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
     for tp in ("gaunt_grid", "grid", "auto"):
         loaded = model_from_checkpoint(path, tp=tp)
-        c = _evaluate(loaded, atoms, stress=True)
+        c = evaluate(loaded, [atoms], stress=True)
         for key in ("energy", "forces", "stress"):
             assert (a[key] - c[key]).abs().max() < 1e-9, (tp, key)
 
@@ -330,7 +297,7 @@ def test_weights_transfer_between_gaunt_engines(tmp_path):
         model_from_checkpoint(cg_path, tp="gaunt_grid")
 
 
-def test_auto_builds_and_picks_an_exact_engine(caplog):
+def test_auto_builds_and_picks_an_exact_engine(caplog, periodic_atoms):
     from potentials.nn.tp.auto import auto_choices, clear_cache
 
     clear_cache()
@@ -343,8 +310,8 @@ def test_auto_builds_and_picks_an_exact_engine(caplog):
     assert "tp=auto" in caplog.text and "edge product" in caplog.text  # timing table and path audit logged
     grid = _model("gaunt_grid", seed=6)
     grid.load_state_dict(model.state_dict())
-    atoms = _atoms()
-    a, b = _evaluate(model, atoms), _evaluate(grid, atoms)
+    atoms = periodic_atoms
+    a, b = evaluate(model, [atoms], stress=False), evaluate(grid, [atoms], stress=False)
     assert (a["energy"] - b["energy"]).abs().max() < 1e-9 and (a["forces"] - b["forces"]).abs().max() < 1e-9
 
 

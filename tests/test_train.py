@@ -69,24 +69,30 @@ def test_training_writes_artifacts_and_resumes(trained_run):
     assert not list(run_dir.rglob("*.tmp"))
 
 
-def test_a_few_steps_lower_the_loss(demo_file):
+def losses_of_a_few_steps(model_cfg: dict, demo_file, batch_size: int, steps: int = 12) -> list[float]:
+    """Train ``model_cfg`` on one demo batch for ``steps`` Adam steps; the loss after each step."""
     from potentials.train.datamodule import PotentialDataModule
     from potentials.train.module import PotentialModule
 
     torch.manual_seed(0)
-    dm = PotentialDataModule([demo_file], r_max=TINY_MODEL["r_max"], batch_size=8, seed=0)
+    dm = PotentialDataModule([demo_file], r_max=model_cfg["r_max"], batch_size=batch_size, seed=0)
     dm.setup()
-    module = PotentialModule(TINY_MODEL, dm.statistics(), loss={"energy": 1, "forces": 10, "stress": 100},
+    module = PotentialModule(model_cfg, dm.statistics(), loss={"energy": 1, "forces": 10, "stress": 100},
                              optim={"lr": 0.01})
     optimizer = module.configure_optimizers()["optimizer"]
     batch = next(iter(dm.train_dataloader()))
     losses = []
-    for _ in range(12):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = module.loss_fn(module(batch, training=True), batch)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+    return losses
+
+
+def test_a_few_steps_lower_the_loss(demo_file):
+    losses = losses_of_a_few_steps(TINY_MODEL, demo_file, batch_size=8)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
