@@ -159,6 +159,34 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def timed_relaxation(atoms, task: dict[str, Any]) -> dict[str, Any]:
+    """Relax ``atoms`` (calculator attached) as ``task`` says (optimizer FIRE|BFGS|LBFGS, fmax, steps, cell) and
+    time it; the same code runs on both sides (this project and, in the peer venv, mace-torch)."""
+    import numpy as np
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS, FIRE, LBFGS
+
+    calls = {"n": 0}
+    orig = atoms.calc.calculate
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return orig(*args, **kwargs)
+
+    atoms.calc.calculate = counted
+    target = FrechetCellFilter(atoms) if task.get("cell") else atoms
+    opt = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}[task.get("optimizer", "FIRE")](target, logfile=None)
+    t0 = time.perf_counter()
+    converged = bool(opt.run(fmax=float(task.get("fmax", 0.05)), steps=int(task.get("steps", 200))))
+    wall = time.perf_counter() - t0
+    return {
+        "wall_s": wall, "steps": int(opt.nsteps), "calls": calls["n"], "converged": converged,
+        "final_energy": float(atoms.get_potential_energy()),
+        "final_fmax": float(np.linalg.norm(target.get_forces(), axis=1).max()), "num_atoms": len(atoms),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- timing
 def timing_stats(times: Sequence[float]) -> dict[str, float]:
     """Median, mean, min, max and count of a list of durations (s)."""

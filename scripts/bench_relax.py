@@ -35,9 +35,6 @@ SCRIPT = Path(__file__).resolve()
 def worker(task: dict) -> dict:
     """This project's side of one relaxation (own process)."""
     import ase.io
-    import numpy as np
-    from ase.filters import FrechetCellFilter
-    from ase.optimize import BFGS, FIRE, LBFGS
 
     from potentials.calculator import PotentialCalculator, model_from_checkpoint
 
@@ -49,25 +46,7 @@ def worker(task: dict) -> dict:
         model = bc.build_our_model(task["model_cfg"], stats, seed=task.get("seed", 0))
     atoms = ase.io.read(task["structure"], index=-1)
     atoms.calc = PotentialCalculator(model)
-    calls = {"n": 0}
-    orig = atoms.calc.calculate
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return orig(*args, **kwargs)
-
-    atoms.calc.calculate = counted
-    target = FrechetCellFilter(atoms) if task.get("cell") else atoms
-    opt = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}[task["optimizer"]](target, logfile=None)
-    t0 = time.perf_counter()
-    converged = bool(opt.run(fmax=float(task["fmax"]), steps=int(task["steps"])))
-    wall = time.perf_counter() - t0
-    return {
-        "wall_s": wall, "steps": int(opt.nsteps), "calls": calls["n"], "converged": converged,
-        "final_energy": float(atoms.get_potential_energy()),
-        "final_fmax": float(np.linalg.norm(target.get_forces(), axis=1).max()), "num_atoms": len(atoms),
-        "peak_rss_mb": bc.peak_rss_mb(),
-    }
+    return bc.timed_relaxation(atoms, task)
 
 
 def prepare(args, tmp: Path) -> list[dict]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import warnings
@@ -31,17 +30,11 @@ warnings.filterwarnings("ignore")
 # mace-torch sets this same variable in its package __init__ — set it before anything imports e3nn.
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
-
-def rss_mb() -> float:
-    """Resident set size of this process now (MB)."""
-    with open("/proc/self/statm") as fh:
-        pages = int(fh.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402  (stdlib-only at import time, so it loads in the peer venv too)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+rss_mb, peak_rss_mb = bc.rss_mb, bc.peak_rss_mb  # stdlib-only helpers shared with our side
 
 
 def build_model(hp: dict, atomic_numbers: list[int], e0s: dict, avg_num_neighbors: float, scale: float, shift: float):
@@ -214,33 +207,12 @@ def task_calc(task: dict) -> dict:
 
 def task_relax(task: dict) -> dict:
     import ase.io
-    import numpy as np
-    from ase.filters import FrechetCellFilter
-    from ase.optimize import BFGS, FIRE, LBFGS
 
     model, _ = setup(task)
     model.eval()
     atoms = ase.io.read(task["structure"], index=-1)
     atoms.calc = make_calculator(model, task.get("dtype", "float64"))
-    calls = {"n": 0}
-    orig = atoms.calc.calculate
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return orig(*args, **kwargs)
-
-    atoms.calc.calculate = counted
-    target = FrechetCellFilter(atoms) if task.get("cell") else atoms
-    opt = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}[task.get("optimizer", "FIRE")](target, logfile=None)
-    t0 = time.perf_counter()
-    converged = bool(opt.run(fmax=float(task.get("fmax", 0.05)), steps=int(task.get("steps", 200))))
-    wall = time.perf_counter() - t0
-    fmax = float(np.linalg.norm(target.get_forces(), axis=1).max())
-    return {
-        "wall_s": wall, "steps": int(opt.nsteps), "calls": calls["n"], "converged": converged,
-        "final_energy": float(atoms.get_potential_energy()), "final_fmax": fmax, "num_atoms": len(atoms),
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    return bc.timed_relaxation(atoms, task)
 
 
 TASKS = {"info": task_info, "train": task_train, "calc": task_calc, "relax": task_relax}
