@@ -158,3 +158,37 @@ def test_bench_precision_smoke(tmp_path):
         positive(r, "steps_per_s", "force_rmse_vs_f64", "speedup_vs_fp32")
     bf16 = [r for r in measured if r["precision"] == "bf16-mixed"]
     assert all(r["force_err_ratio_vs_fp32"] > 1 for r in bf16)  # reduced precision must show up in the forces
+
+
+@pytest.mark.skipif(not HAS_3BPA, reason=f"3BPA data absent ({SHARED_DATA / '3BPA' / 'train_300K.xyz'})")
+def test_bench_accuracy_smoke(tmp_path):
+    out = tmp_path / "accuracy.json"
+    cmd = [sys.executable, str(SCRIPTS / "bench_accuracy.py"), "--smoke", "--json", str(out),
+           "--work-dir", str(tmp_path / "work")]
+    if not PEER:
+        cmd.append("--no-peer")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["schema_version"] == bc.SCHEMA_VERSION and payload["benchmark"] == "accuracy"
+    assert payload["command"].startswith("python scripts/bench_accuracy.py")
+    assert payload["hyperparameters"]["is_reference"] is True
+    st = payload["settings"]
+    assert (st["n_train"], st["n_val"], st["budget_min"]) == (20, 5, 0.5)
+    rows = {r["side"]: r for r in payload["rows"]}
+    ours = rows["ours"]
+    assert ours["status"] == "ok", ours
+    positive(ours, "forces_rmse_mev_A", "energy_rmse_mev_atom", "cpu_min", "epochs", "steps", "num_parameters")
+    assert ours["cpu_min"] <= st["budget_min"] and ours["stopped_by"] == "budget"
+    curve = [e for e in ours["curve"] if not e.get("initial")]
+    assert curve and all(bc.is_pos_finite(e["cpu_s"]) for e in curve)
+    assert [e["cpu_s"] for e in curve] == sorted(e["cpu_s"] for e in curve)
+    if PEER:
+        assert rows["peer"]["status"] == "ok", rows["peer"]
+        positive(rows["peer"], "forces_rmse_mev_A", "energy_rmse_mev_atom", "cpu_min", "epochs")
+        positive(ours, "ratio_vs_peer")
+        assert isinstance(payload["comparison"]["target_met"], bool)
+    else:
+        assert rows["peer"]["status"] == "skipped" and payload["comparison"] is None
+    assert "| side | epochs |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").is_file()

@@ -13,7 +13,6 @@ import torch
 from e3nn import nn as enn
 from e3nn import o3
 
-from potentials.nn.ops import scatter_sum
 from potentials.nn.precision import outside_autocast
 from potentials.nn.tp.base import Engine
 
@@ -50,8 +49,7 @@ class EdgeConvolution(torch.nn.Module):
     def convolve(self, node_feats, edge_attrs, edge_feats, edge_lengths, edge_index) -> torch.Tensor:
         h = outside_autocast(self.linear_up, node_feats)
         radial_in = edge_lengths if getattr(self.radial, "uses_lengths", False) else edge_feats
-        messages = self.tp(h[edge_index[1]], edge_attrs, self.radial(radial_in))
-        a = scatter_sum(messages, edge_index[0], node_feats.shape[0]) / self.avg_num_neighbors
+        a = self.tp.aggregate(h, edge_attrs, self.radial(radial_in), edge_index, node_feats.shape[0]) / self.avg_num_neighbors
         return outside_autocast(self.linear, a)
 
     def forward(self, node_feats, edge_attrs, edge_feats, edge_lengths, edge_index) -> torch.Tensor:

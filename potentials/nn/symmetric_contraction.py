@@ -180,6 +180,9 @@ def _monomials(d: int, nu: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return idx, mult, parent, idx[:, -1].clone()
 
 
+ROWS_PER_CHUNK = 2048  # (node, channel) rows per chunk of the contraction
+
+
 class SymmetricContraction(torch.nn.Module):
     """Element-dependent symmetric contraction of ``A`` with itself, ν = 1..``correlation`` factors.
 
@@ -277,11 +280,23 @@ class SymmetricContraction(torch.nn.Module):
         if n == 0:  # from_channels_last cannot reshape an empty batch
             return a.new_zeros(0, self.irreps_out.dim)
         x = to_channels_last(a, self.irreps_in)  # [n, C, d]
+        # Rows of ~ROWS_PER_CHUNK (node, channel) pairs at a time: the monomial tensors ([rows, C(d+ν-1, ν)], 816
+        # columns at d=16, ν=3) then stay cache-sized, which is 2-4x faster on CPU than one pass over all nodes.
+        step = max(1, ROWS_PER_CHUNK // self.channels)
+        if n <= step:
+            return from_channels_last(self._contract(x, species), self.irreps_out)
+        parts = [self._contract(x[i:i + step], species[i:i + step]) for i in range(0, n, step)]
+        return from_channels_last(torch.cat(parts, dim=0), self.irreps_out)
+
+    def _contract(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """x [n, C, d] (channels-last) → [n, C, Σ_out (2L+1)] (channels-last)."""
+        n = x.shape[0]
         feats: dict[o3.Irrep, list[torch.Tensor]] = {ir: [] for ir in self.distinct}
         mono = x
         for nu in range(1, self.correlation + 1):
-            if nu > 1:
-                mono = mono[..., getattr(self, f"parent_{nu}")] * x[..., getattr(self, f"last_{nu}")]
+            if nu > 1:  # index_select (backward: index_add) is much faster than advanced indexing (index_put)
+                parent, last = getattr(self, f"parent_{nu}"), getattr(self, f"last_{nu}")
+                mono = mono.index_select(-1, parent) * x.index_select(-1, last)
             u = getattr(self, f"U_{nu}")
             if u.shape[1] == 0:
                 continue
@@ -295,8 +310,8 @@ class SymmetricContraction(torch.nn.Module):
         cat = {ir: torch.cat(f, dim=2) for ir, f in feats.items()}  # [n, C, P_total(L), 2L+1]
         outs = []
         for (_, ir), w in zip(self.irreps_out, self.weights):
-            outs.append(torch.einsum("ncpm,npc->ncm", cat[ir], w[species]))
-        return from_channels_last(torch.cat(outs, dim=-1), self.irreps_out)
+            outs.append(torch.einsum("ncpm,npc->ncm", cat[ir], w.index_select(0, species)))
+        return torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
         return (

@@ -8,11 +8,30 @@ made we turn such extra buffers back into plain attributes so both tensor lists 
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 
+def warmup_ema_avg_fn(decay: float):
+    """EMA update with MACE's (torch_ema's) warm-up: after ``n`` updates the decay is ``min(decay, (1+n)/(10+n))``,
+    so early averages follow the fast-moving weights instead of keeping ``decay**n`` of the initialisation."""
+
+    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return averaged + (current - averaged) * (1.0 - d)
+
+    return avg_fn
+
+
 class EMA(EMAWeightAveraging):
-    """EMA of parameters and buffers (``decay`` per optimizer step); validation and checkpoints use it."""
+    """EMA of parameters and buffers (``decay`` per optimizer step, with MACE's warm-up when ``warmup``);
+    validation and checkpoints use it."""
+
+    def __init__(self, decay: float = 0.99, warmup: bool = True, **kwargs):
+        super().__init__(decay=decay, **kwargs)
+        if warmup:  # Lightning passes _kwargs on to torch's AveragedModel
+            self._kwargs["avg_fn"] = warmup_ema_avg_fn(float(decay))
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

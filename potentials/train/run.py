@@ -191,7 +191,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
             save_on_train_epoch_end=False, enable_version_counter=False, auto_insert_metric_name=False,
         ))
     if cfg.ema.enabled:
-        callbacks.append(EMA(decay=float(cfg.ema.decay)))
+        callbacks.append(EMA(decay=float(cfg.ema.decay), warmup=bool(cfg.ema.get("warmup", True))))
     preempt = cfg.get("preemption", {})
     if preempt.get("enabled", True):  # after EMA: its batch-end update must be in the preemption checkpoint
         callbacks.append(PreemptionCallback(ckpt_dir, preempt.get("signal", "SIGUSR1"), bool(preempt.get("requeue", True))))

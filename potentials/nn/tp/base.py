@@ -22,6 +22,7 @@ import torch
 from e3nn import o3
 
 from potentials.errors import PotentialsError
+from potentials.nn.ops import scatter_sum
 
 
 class EdgeTensorProduct(torch.nn.Module):
@@ -39,6 +40,15 @@ class EdgeTensorProduct(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def aggregate(
+        self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, edge_index: torch.Tensor, num_nodes: int
+    ) -> torch.Tensor:
+        """Messages summed per centre: ``Σ_{j ∈ N(i)} forward(h_j, y_ij, w_ij)`` → [num_nodes, irreps_out.dim].
+
+        ``h`` [n, irreps_in1.dim] node features, ``edge_index`` [2, E] (centre i, neighbour j). Engines may
+        override it with a fused kernel that never materialises the [E, irreps_out.dim] messages."""
+        return scatter_sum(self(h.index_select(0, edge_index[1]), y, weight), edge_index[0], num_nodes)
 
 
 class ProductBasis(torch.nn.Module):

@@ -1,7 +1,9 @@
 """``cg``: exact Clebsch–Gordan products through e3nn (the MACE reference engine).
 
-* edge product: e3nn ``TensorProduct`` with one 'uvu' path per allowed (l1, l2 → l3) coupling and
-  one radial weight per (path, channel): ``weight_numel = n_paths · C``;
+* edge product: e3nn's 'uvu' ``TensorProduct`` — one path per allowed (l1, l2 → l3) coupling and one radial
+  weight per (path, channel): ``weight_numel = n_paths · C`` — evaluated as the dense coupling tensor of the same
+  paths (e3nn's Wigner 3j × path weights, see :mod:`~potentials.nn.tp.bilinear`): identical numbers, but the
+  aggregation over neighbours is fused and chunked in eval mode (inference memory O(atoms), not O(edges));
 * product basis: MACE's symmetric contraction (all symmetric couplings up to the correlation order,
   one learnable weight per coupling, channel and element).
 """
@@ -11,9 +13,12 @@ from __future__ import annotations
 import torch
 from e3nn import o3
 
+from potentials.nn.ops import scatter_sum
 from potentials.nn.precision import outside_autocast
 from potentials.nn.symmetric_contraction import SymmetricContraction
-from potentials.nn.tp.base import EdgeTensorProduct, Engine, ProductBasis, register_engine
+from potentials.nn.tp.base import EdgeTensorProduct, Engine, ProductBasis, from_channels_last, register_engine
+from potentials.nn.tp.base import to_channels_last
+from potentials.nn.tp.bilinear import BilinearEdgeKernel
 
 
 class CGEdgeTensorProduct(EdgeTensorProduct):
@@ -41,9 +46,49 @@ class CGEdgeTensorProduct(EdgeTensorProduct):
         )
         self.irreps_in1, self.irreps_in2, self.irreps_out = irreps_node, irreps_sh, irreps_sorted
         self.weight_numel = self.tp.weight_numel
+        self.kernel = BilinearEdgeKernel(*coupling_tensor(self.tp), num_paths=len(self.tp.instructions))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return outside_autocast(self.tp, x, y, weight)
+        return outside_autocast(self._messages, x, y, weight)
+
+    def _messages(self, x, y, weight):
+        m = self.kernel.messages(to_channels_last(x, self.irreps_in1).transpose(1, 2), y, weight)
+        return from_channels_last(m.transpose(1, 2), self.irreps_out)
+
+    def aggregate(self, h, y, weight, edge_index, num_nodes: int) -> torch.Tensor:
+        return outside_autocast(lambda *t: self._aggregate(*t, edge_index=edge_index), h, y, weight)
+
+    def _aggregate(self, h, y, weight, edge_index):
+        x = to_channels_last(h, self.irreps_in1).transpose(1, 2).contiguous()  # [n, A, C]
+        if self.training:  # plain autograd ops: the force loss differentiates twice
+            a = scatter_sum(self.kernel.messages(x.index_select(0, edge_index[1]), y, weight), edge_index[0], x.shape[0])
+        else:
+            a = self.kernel.aggregate(x, y, weight, edge_index)
+        return from_channels_last(a.transpose(1, 2), self.irreps_out)
+
+
+def coupling_tensor(tp: o3.TensorProduct) -> tuple[torch.Tensor, torch.Tensor]:
+    """e3nn 'uvu' TensorProduct (in1 = C x irreps, in2 = 1 x irreps) → (B [A, Y, K], path_of [K]) for
+    :class:`~potentials.nn.tp.bilinear.BilinearEdgeKernel`: ``B = path_weight · wigner_3j(l1, l2, l3)`` placed at the
+    components of each path; K runs over the output blocks in e3nn's order (one ``2l3+1`` block per output irrep)."""
+    ir1 = [ir for _, ir in tp.irreps_in1]
+    ir2 = [ir for _, ir in tp.irreps_in2]
+    ir3 = [ir for _, ir in tp.irreps_out]
+    off = lambda irs: [sum(ir.dim for ir in irs[:i]) for i in range(len(irs))]  # noqa: E731
+    o1, o2, o3_ = off(ir1), off(ir2), off(ir3)
+    b = torch.zeros(sum(i.dim for i in ir1), sum(i.dim for i in ir2), sum(i.dim for i in ir3), dtype=torch.float64)
+    path_of = torch.full((b.shape[2],), -1, dtype=torch.long)
+    for p, ins in enumerate(tp.instructions):
+        if ins.connection_mode != "uvu" or tp.irreps_in2[ins.i_in2].mul != 1:
+            raise ValueError(f"coupling_tensor: instruction {ins} is not a 'uvu' path with a single-channel in2")
+        l1, l2, l3 = ir1[ins.i_in1].l, ir2[ins.i_in2].l, ir3[ins.i_out].l
+        w3j = o3.wigner_3j(l1, l2, l3, dtype=torch.float64)
+        b[o1[ins.i_in1]:o1[ins.i_in1] + 2 * l1 + 1, o2[ins.i_in2]:o2[ins.i_in2] + 2 * l2 + 1,
+          o3_[ins.i_out]:o3_[ins.i_out] + 2 * l3 + 1] += ins.path_weight * w3j
+        path_of[o3_[ins.i_out]:o3_[ins.i_out] + 2 * l3 + 1] = p
+    if bool((path_of < 0).any()):
+        raise ValueError("coupling_tensor: every output irrep must be produced by exactly one path")
+    return b, path_of
 
 
 class CGProductBasis(ProductBasis):
