@@ -19,6 +19,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from potentials.data.neighbors import atoms_to_graph
 from potentials.errors import PotentialsError
 from potentials.models import DTYPES, build_model, energy_forces_stress
+from potentials.nn.ops import fused_inference
 
 # Options that change how a model computes, never which weights it has (grid_res: Facet's mixer grid).
 INFERENCE_OVERRIDES = ("tp", "dtype", "grid_res")
@@ -94,7 +95,8 @@ class PotentialCalculator(Calculator):
         graph = atoms_to_graph(self.atoms, self.r_max, where="calculator input", require_edges=False)
         graph["batch"] = torch.zeros(len(self.atoms), dtype=torch.long)
         graph = graph.to(self.device)
-        out = energy_forces_stress(self.model, graph, forces=True, stress=periodic)
+        with fused_inference():  # memory-lean kernels: only input derivatives are needed here
+            out = energy_forces_stress(self.model, graph, forces=True, stress=periodic)
         energy = float(out["energy"].detach().cpu()[0])
         self.results["energy"] = self.results["free_energy"] = energy
         self.results["forces"] = out["forces"].detach().cpu().to(torch.float64).numpy()

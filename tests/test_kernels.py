@@ -46,28 +46,53 @@ def test_cg_coupling_tensor_equals_e3nn_tensor_product_built_in_float64():
 def test_fused_aggregate_equals_gather_scatter_with_gradients(monkeypatch):
     monkeypatch.setattr(bilinear, "CHUNK_EDGES", 9)  # several chunks, the last one partial
     tp = CGEdgeTensorProduct(NODE, SH, TARGET).double()
-    h, y, w, edge_index = _inputs(tp)
+    radial = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, tp.weight_numel)).double()
+    h, y, _, edge_index = _inputs(tp)
+    f = torch.randn(y.shape[0], 4, dtype=torch.float64, requires_grad=True)
 
-    def reference(h, y, w):
-        return scatter_sum(tp(h[edge_index[1]], y, w), edge_index[0], h.shape[0])
+    def reference(h, y, f):
+        return scatter_sum(tp(h[edge_index[1]], y, radial(f)), edge_index[0], h.shape[0])
 
-    tp.eval()
-    fused = tp.aggregate(h, y, w, edge_index, h.shape[0])
-    ref = reference(h, y, w)
+    fused = tp.aggregate(h, y, radial, f, edge_index, h.shape[0], fused=True)
+    plain = tp.aggregate(h, y, radial, f, edge_index, h.shape[0], fused=False)
+    ref = reference(h, y, f)
+    assert ref.abs().max() > 0.1
     torch.testing.assert_close(fused, ref, rtol=0, atol=1e-12)
-    tp.train()
-    torch.testing.assert_close(tp.aggregate(h, y, w, edge_index, h.shape[0]), ref, rtol=0, atol=1e-12)
-    tp.eval()
+    torch.testing.assert_close(plain, ref, rtol=0, atol=1e-12)
     probe = torch.randn_like(ref)
-    g_fused = torch.autograd.grad((fused * probe).sum(), (h, y, w))
-    g_ref = torch.autograd.grad((ref * probe).sum(), (h, y, w))
+    g_fused = torch.autograd.grad((fused * probe).sum(), (h, y, f))
+    g_ref = torch.autograd.grad((ref * probe).sum(), (h, y, f))
     for a, b in zip(g_fused, g_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
-    fn = lambda h, y, w: tp.aggregate(h, y, w, edge_index, h.shape[0])  # noqa: E731
-    small = tuple(t[:5].detach().requires_grad_(True) if t is not h else t for t in (h, y, w))
-    edge_index = edge_index[:, :5]
-    assert torch.autograd.gradcheck(fn, small)
-    assert torch.autograd.gradgradcheck(fn, small)
+    radial.requires_grad_(False)  # the fused kernel differentiates with respect to its inputs only
+    few = edge_index[:, :5]
+    fn = lambda h, y, f: tp.aggregate(h, y, radial, f, few, h.shape[0], fused=True)  # noqa: E731
+    inputs = (h, y[:5].detach().requires_grad_(True), f[:5].detach().requires_grad_(True))
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_fused_inference_model_matches_plain_model():
+    """Whole MACE model: energy, forces and stress inside fused_inference equal the plain path (float64)."""
+    from ase.build import bulk
+
+    from potentials.data.neighbors import atoms_to_graph
+    from potentials.models import MODELS, energy_forces_stress
+    from potentials.nn.ops import fused_inference
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.1, seed=3)
+    graph = atoms_to_graph(atoms, 4.0)
+    graph["batch"] = torch.zeros(len(atoms), dtype=torch.long)
+    torch.manual_seed(0)
+    model = MODELS["mace"]([29], {29: -1.0}, r_max=4.0, channels=4, max_L=1, max_ell=2, correlation=3,
+                           radial_hidden=[8], readout_hidden=4).double().eval()
+    plain = energy_forces_stress(model, graph, forces=True, stress=True)
+    with fused_inference():
+        fused = energy_forces_stress(model, graph, forces=True, stress=True)
+    for key in ("energy", "forces", "stress"):
+        assert plain[key].abs().max() > 0
+        torch.testing.assert_close(fused[key], plain[key], rtol=1e-10, atol=1e-12)
 
 
 def test_symmetric_contraction_in_chunks_equals_one_pass(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 from e3nn import nn as enn
 from e3nn import o3
 
+from potentials.nn.ops import use_fused
 from potentials.nn.precision import outside_autocast
 from potentials.nn.tp.base import Engine
 
@@ -49,7 +50,8 @@ class EdgeConvolution(torch.nn.Module):
     def convolve(self, node_feats, edge_attrs, edge_feats, edge_lengths, edge_index) -> torch.Tensor:
         h = outside_autocast(self.linear_up, node_feats)
         radial_in = edge_lengths if getattr(self.radial, "uses_lengths", False) else edge_feats
-        a = self.tp.aggregate(h, edge_attrs, self.radial(radial_in), edge_index, node_feats.shape[0]) / self.avg_num_neighbors
+        a = self.tp.aggregate(h, edge_attrs, self.radial, radial_in, edge_index, node_feats.shape[0], fused=use_fused(self))
+        a = a / self.avg_num_neighbors
         return outside_autocast(self.linear, a)
 
     def forward(self, node_feats, edge_attrs, edge_feats, edge_lengths, edge_index) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from potentials.data.graph import AtomicGraph, collate
 from potentials.models import energy_forces_stress
+from potentials.nn.ops import fused_inference
 
 
 def predict(
@@ -28,7 +29,8 @@ def predict(
     for start in range(0, len(graphs), batch_size):
         g = collate(graphs[start:start + batch_size]).to(device)
         has_stress = "stress" in g and bool((g["stress_weight"] > 0).any())
-        out = energy_forces_stress(model, g, forces="forces" in g, stress=has_stress)
+        with fused_inference():
+            out = energy_forces_stress(model, g, forces="forces" in g, stress=has_stress)
         n = g["num_atoms"].to(torch.float64)
         if "energy" in g:
             acc["energy"][0].append((g["energy"] / n).cpu().numpy())

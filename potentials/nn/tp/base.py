@@ -42,13 +42,16 @@ class EdgeTensorProduct(torch.nn.Module):
         raise NotImplementedError
 
     def aggregate(
-        self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, edge_index: torch.Tensor, num_nodes: int
+        self, h: torch.Tensor, y: torch.Tensor, radial, radial_in: torch.Tensor, edge_index: torch.Tensor,
+        num_nodes: int, fused: bool = False,
     ) -> torch.Tensor:
-        """Messages summed per centre: ``Σ_{j ∈ N(i)} forward(h_j, y_ij, w_ij)`` → [num_nodes, irreps_out.dim].
+        """Messages summed per centre: ``Σ_{j ∈ N(i)} forward(h_j, y_ij, radial(radial_in_ij))`` → [num_nodes, irreps_out.dim].
 
-        ``h`` [n, irreps_in1.dim] node features, ``edge_index`` [2, E] (centre i, neighbour j). Engines may
-        override it with a fused kernel that never materialises the [E, irreps_out.dim] messages."""
-        return scatter_sum(self(h.index_select(0, edge_index[1]), y, weight), edge_index[0], num_nodes)
+        ``h`` [n, irreps_in1.dim] node features, ``edge_index`` [2, E] (centre i, neighbour j), ``radial`` the
+        radial network (edge basis [E, ·] → weights [E, weight_numel]). With ``fused`` (inference inside
+        :func:`~potentials.nn.ops.fused_inference`) an engine may use a kernel that never materialises the
+        per-edge messages and weights; this default ignores it."""
+        return scatter_sum(self(h.index_select(0, edge_index[1]), y, radial(radial_in)), edge_index[0], num_nodes)
 
 
 class ProductBasis(torch.nn.Module):

@@ -49,21 +49,21 @@ class CGEdgeTensorProduct(EdgeTensorProduct):
         self.kernel = BilinearEdgeKernel(*coupling_tensor(self.tp), num_paths=len(self.tp.instructions))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return outside_autocast(self._messages, x, y, weight)
-
-    def _messages(self, x, y, weight):
         m = self.kernel.messages(to_channels_last(x, self.irreps_in1).transpose(1, 2), y, weight)
         return from_channels_last(m.transpose(1, 2), self.irreps_out)
 
-    def aggregate(self, h, y, weight, edge_index, num_nodes: int) -> torch.Tensor:
-        return outside_autocast(lambda *t: self._aggregate(*t, edge_index=edge_index), h, y, weight)
+    def aggregate(self, h, y, radial, radial_in, edge_index, num_nodes: int, fused: bool = False) -> torch.Tensor:
+        if fused:  # inference: the chunked kernel, in full precision
+            return outside_autocast(lambda h, y, r: self._aggregate(h, y, radial, r, edge_index, True), h, y, radial_in)
+        return self._aggregate(h, y, radial, radial_in, edge_index, False)
 
-    def _aggregate(self, h, y, weight, edge_index):
+    def _aggregate(self, h, y, radial, radial_in, edge_index, fused: bool) -> torch.Tensor:
         x = to_channels_last(h, self.irreps_in1).transpose(1, 2).contiguous()  # [n, A, C]
-        if self.training:  # plain autograd ops: the force loss differentiates twice
-            a = scatter_sum(self.kernel.messages(x.index_select(0, edge_index[1]), y, weight), edge_index[0], x.shape[0])
-        else:
-            a = self.kernel.aggregate(x, y, weight, edge_index)
+        if fused:
+            a = self.kernel.aggregate(x, y, radial, radial_in, edge_index)
+        else:  # plain autograd ops (training: the force loss differentiates twice)
+            m = self.kernel.messages(x.index_select(0, edge_index[1]), y, radial(radial_in))
+            a = scatter_sum(m, edge_index[0], x.shape[0])
         return from_channels_last(a.transpose(1, 2), self.irreps_out)
 
 
