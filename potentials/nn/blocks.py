@@ -13,7 +13,7 @@ import torch
 from e3nn import nn as enn
 from e3nn import o3
 
-from potentials.nn.ops import use_fused
+from potentials.nn.ops import node_checkpointed, use_fused
 from potentials.nn.precision import outside_autocast
 from potentials.nn.tp.base import Engine
 
@@ -95,7 +95,11 @@ class ProductBlock(torch.nn.Module):
         self.linear = o3.Linear(o3.Irreps(irreps_out), o3.Irreps(irreps_out))
 
     def forward(self, a: torch.Tensor, species: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
-        out = self.linear(outside_autocast(self.product, a, species))
+        if use_fused(self):  # inference: per-node intermediates recomputed in the backward pass, not stored
+            product = node_checkpointed(lambda a, s: outside_autocast(self.product, a, s), a, species)
+        else:
+            product = outside_autocast(self.product, a, species)
+        out = self.linear(product)
         return out if sc is None else out + sc
 
 

@@ -30,7 +30,6 @@ import math
 import operator
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from e3nn import o3
 
 from potentials.errors import PotentialsError
@@ -283,16 +282,8 @@ class SymmetricContraction(torch.nn.Module):
         x = to_channels_last(a, self.irreps_in)  # [n, C, d]
         # Rows of ~ROWS_PER_CHUNK (node, channel) pairs at a time: the monomial tensors ([rows, C(d+ν-1, ν)], 816
         # columns at d=16, ν=3) then stay cache-sized, which is 2-4x faster on CPU than one pass over all nodes.
-        # Inside fused_inference (eval), each chunk is checkpointed: only x is kept for the backward pass and the
-        # monomials are recomputed there, so memory stays O(n·C·d) instead of O(n·C·C(d+2, 3)).
         step = max(1, ROWS_PER_CHUNK // self.channels)
-        recompute = use_fused(self) and torch.is_grad_enabled() and x.requires_grad
-        parts = []
-        for i in range(0, n, step):
-            if recompute:
-                parts.append(checkpoint(self._contract, x[i:i + step], species[i:i + step], use_reentrant=False))
-            else:
-                parts.append(self._contract(x[i:i + step], species[i:i + step]))
+        parts = [self._contract(x[i:i + step], species[i:i + step]) for i in range(0, n, step)]
         return from_channels_last(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0), self.irreps_out)
 
     def _contract(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
@@ -329,5 +320,4 @@ class SymmetricContraction(torch.nn.Module):
 
 # Imported last on purpose: ``potentials.nn.tp`` (package ``__init__``) imports ``cg``, which imports this module's
 # ``SymmetricContraction``; importing the helpers after the class is defined keeps either import order working.
-from potentials.nn.ops import use_fused  # noqa: E402
 from potentials.nn.tp.base import channels_of, from_channels_last, to_channels_last  # noqa: E402

@@ -22,7 +22,8 @@ import torch
 from e3nn import o3
 
 from potentials.errors import PotentialsError
-from potentials.nn.ops import scatter_sum
+from potentials.nn.ops import chunked_aggregate, scatter_sum
+from potentials.nn.precision import outside_autocast
 
 
 class EdgeTensorProduct(torch.nn.Module):
@@ -41,6 +42,21 @@ class EdgeTensorProduct(torch.nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    # The per-edge product split into node-level preparation, the edge step and node-level finishing, so that an
+    # engine can keep its own internal layout across the neighbour sum. Defaults: e3nn layout throughout.
+    def prepare_nodes(self, h: torch.Tensor) -> torch.Tensor:
+        """[n, irreps_in1.dim] → the engine's node layout (before the gather at the neighbours)."""
+        return h
+
+    def edge_messages(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Gathered prepared node features, y [E, irreps_in2.dim], weight [E, weight_numel] → messages in the
+        engine's layout (summed over neighbours, then :meth:`finish_nodes`)."""
+        return self(x, y, weight)
+
+    def finish_nodes(self, a: torch.Tensor) -> torch.Tensor:
+        """Summed messages in the engine's layout → [n, irreps_out.dim] (e3nn layout)."""
+        return a
+
     def aggregate(
         self, h: torch.Tensor, y: torch.Tensor, radial, radial_in: torch.Tensor, edge_index: torch.Tensor,
         num_nodes: int, fused: bool = False,
@@ -49,9 +65,18 @@ class EdgeTensorProduct(torch.nn.Module):
 
         ``h`` [n, irreps_in1.dim] node features, ``edge_index`` [2, E] (centre i, neighbour j), ``radial`` the
         radial network (edge basis [E, ·] → weights [E, weight_numel]). With ``fused`` (inference inside
-        :func:`~potentials.nn.ops.fused_inference`) an engine may use a kernel that never materialises the
-        per-edge messages and weights; this default ignores it."""
-        return scatter_sum(self(h.index_select(0, edge_index[1]), y, radial(radial_in)), edge_index[0], num_nodes)
+        :func:`~potentials.nn.ops.fused_inference`) the edges are walked in chunks and nothing per edge — messages,
+        radial weights — is stored for the backward pass (:func:`~potentials.nn.ops.chunked_aggregate`), and the
+        product runs in full precision."""
+
+        def run(h, y, radial_in):
+            x = self.prepare_nodes(h)
+            message = lambda xe, ye, re: self.edge_messages(xe, ye, radial(re))  # noqa: E731
+            if fused:
+                return self.finish_nodes(chunked_aggregate(message, x, y, radial_in, edge_index))
+            return self.finish_nodes(scatter_sum(message(x.index_select(0, edge_index[1]), y, radial_in), edge_index[0], num_nodes))
+
+        return outside_autocast(run, h, y, radial_in) if fused else run(h, y, radial_in)
 
 
 class ProductBasis(torch.nn.Module):

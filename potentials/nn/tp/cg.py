@@ -2,8 +2,8 @@
 
 * edge product: e3nn's 'uvu' ``TensorProduct`` — one path per allowed (l1, l2 → l3) coupling and one radial
   weight per (path, channel): ``weight_numel = n_paths · C`` — evaluated as the dense coupling tensor of the same
-  paths (e3nn's Wigner 3j × path weights, see :mod:`~potentials.nn.tp.bilinear`): identical numbers, but the
-  aggregation over neighbours is fused and chunked in eval mode (inference memory O(atoms), not O(edges));
+  paths (e3nn's Wigner 3j × path weights, see :mod:`~potentials.nn.tp.bilinear`): identical numbers in a
+  channels-last layout kept across the neighbour sum;
 * product basis: MACE's symmetric contraction (all symmetric couplings up to the correlation order,
   one learnable weight per coupling, channel and element).
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 from e3nn import o3
 
-from potentials.nn.ops import scatter_sum
-from potentials.nn.precision import outside_autocast
 from potentials.nn.symmetric_contraction import SymmetricContraction
 from potentials.nn.tp.base import EdgeTensorProduct, Engine, ProductBasis, from_channels_last, register_engine
 from potentials.nn.tp.base import to_channels_last
@@ -49,21 +47,15 @@ class CGEdgeTensorProduct(EdgeTensorProduct):
         self.kernel = BilinearEdgeKernel(*coupling_tensor(self.tp), num_paths=len(self.tp.instructions))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        m = self.kernel.messages(to_channels_last(x, self.irreps_in1).transpose(1, 2), y, weight)
-        return from_channels_last(m.transpose(1, 2), self.irreps_out)
+        return self.finish_nodes(self.edge_messages(self.prepare_nodes(x), y, weight))
 
-    def aggregate(self, h, y, radial, radial_in, edge_index, num_nodes: int, fused: bool = False) -> torch.Tensor:
-        if fused:  # inference: the chunked kernel, in full precision
-            return outside_autocast(lambda h, y, r: self._aggregate(h, y, radial, r, edge_index, True), h, y, radial_in)
-        return self._aggregate(h, y, radial, radial_in, edge_index, False)
+    def prepare_nodes(self, h: torch.Tensor) -> torch.Tensor:  # [n, A, C], component-major
+        return to_channels_last(h, self.irreps_in1).transpose(1, 2).contiguous()
 
-    def _aggregate(self, h, y, radial, radial_in, edge_index, fused: bool) -> torch.Tensor:
-        x = to_channels_last(h, self.irreps_in1).transpose(1, 2).contiguous()  # [n, A, C]
-        if fused:
-            a = self.kernel.aggregate(x, y, radial, radial_in, edge_index)
-        else:  # plain autograd ops (training: the force loss differentiates twice)
-            m = self.kernel.messages(x.index_select(0, edge_index[1]), y, radial(radial_in))
-            a = scatter_sum(m, edge_index[0], x.shape[0])
+    def edge_messages(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # [E, K, C]
+        return self.kernel.messages(x, y, weight)
+
+    def finish_nodes(self, a: torch.Tensor) -> torch.Tensor:
         return from_channels_last(a.transpose(1, 2), self.irreps_out)
 
 
