@@ -47,6 +47,7 @@ import bench_common as bc  # noqa: E402
 EXPERIMENT = "3bpa_mace_cpu_budget"
 EXPERIMENT_FILE = bc.REPO / "configs" / "experiment" / f"{EXPERIMENT}.yaml"
 TRAINER_FILE = bc.REPO / "configs" / "trainer" / "cpu.yaml"
+TRAIN_FILE = bc.REPO / "configs" / "train.yaml"
 PEER_TRAIN = bc.PEER_VENV / "bin" / "mace_run_train"
 TARGET_RATIO = 1.0  # issue 8: lower validation force RMSE than mace-torch at the same budget
 ISSUE_REFERENCE_F = 37.0  # meV/Å: mace-torch at this size, 25 CPU minutes on this machine (issue 8)
@@ -69,7 +70,8 @@ def recipe() -> dict[str, Any]:
         r = {
             "model": {k: exp["model"][k] for k in bc.REFERENCE_HP}, "dtype": exp["model"]["dtype"],
             "batch_size": exp["data"]["batch_size"], "val_batch_size": exp["data"]["val_batch_size"],
-            "loss": exp["loss"], "optim": exp["optim"], "scheduler": exp["scheduler"], "ema": exp["ema"],
+            "loss": exp["loss"], "optim": exp["optim"], "scheduler": exp["scheduler"],
+            "ema": {**yaml.safe_load(TRAIN_FILE.read_text()).get("ema", {}), **exp.get("ema", {})},
             "clip": exp.get("trainer", {}).get("gradient_clip_val", trainer.get("gradient_clip_val")),
         }
     except KeyError as exc:
@@ -112,9 +114,12 @@ def recipe_rows(r: dict[str, Any]) -> list[list[str]]:
         ("gradient clipping", f"norm {r['clip']:g}", f"--clip_grad {r['clip']:g}"),
         ("validation", "every epoch, EMA weights", "--eval_interval 1, EMA weights"),
     ]
-    diffs = [
-        ("EMA", f"decay {r['ema']['decay']:g} from the first step (Lightning EMAWeightAveraging)",
-         f"--ema --ema_decay {r['ema']['decay']:g}; torch_ema warm-up: min(decay, (1+n)/(10+n))"),
+    peer_ema = f"--ema --ema_decay {r['ema']['decay']:g}; torch_ema warm-up: min(decay, (1+n)/(10+n))"
+    if r["ema"].get("warmup", True):  # configs/train.yaml default: MACE's warm-up
+        same.append(("EMA", f"decay {r['ema']['decay']:g} with warm-up min(decay, (1+n)/(10+n)) (ema.warmup)", peer_ema))
+    diffs = [] if r["ema"].get("warmup", True) else [
+        ("EMA", f"decay {r['ema']['decay']:g} from the first step (ema.warmup=false)", peer_ema)]
+    diffs += [
         ("weight decay groups", "all parameters (decay 0 here, so no effect)",
          "only interaction/product weights (decay 0 here, so no effect)"),
         ("initialisation, shuffling", "this project's init; torch RNG seeded with --seed",

@@ -43,4 +43,6 @@ class BilinearEdgeKernel(torch.nn.Module):
         return w.view(w.shape[0], self.num_paths, -1).index_select(1, self.path_of)
 
     def messages(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self._z(y), x) * self._weights(w)
+        z = self._z(y)
+        zx = z * x if self.dims[0] == 1 else torch.bmm(z, x)  # scalar node features: an outer product, no GEMM
+        return zx * self._weights(w)
