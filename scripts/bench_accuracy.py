@@ -404,12 +404,7 @@ def compare(rows: list[dict]) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------------------------ report
 def plot(payload: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = bc.new_figure(2, (11, 4.2))
     for r in payload["rows"]:
         pts = [e for e in r.get("curve", []) if not e.get("initial") and not e.get("after_stop")]
         if not pts:
@@ -424,15 +419,9 @@ def plot(payload: dict, png: Path) -> None:
     axes[0].axhline(ISSUE_REFERENCE_F, color="tab:red", lw=0.8, ls=":", label=f"issue 8: mace-torch ≈{ISSUE_REFERENCE_F:g} at 25 min")
     axes[0].set(xlabel="CPU minutes (user + system)", ylabel="validation force RMSE (meV/Å)", title="forces")
     axes[1].set(xlabel="CPU minutes (user + system)", ylabel="validation energy RMSE (meV/atom)", title="energy")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
     st = payload["settings"]
-    fig.suptitle(f"3BPA {st['n_train']}/{st['n_val']}, {st['threads']} thread(s) per side, "
-                 f"{payload['machine']['cpu_model']}, {payload['machine']['date'][:10]} UTC", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    bc.save_figure(fig, axes, png, f"3BPA {st['n_train']}/{st['n_val']}, {st['threads']} thread(s) per side, "
+                   f"{payload['machine']['cpu_model']}, {payload['machine']['date'][:10]} UTC")
 
 
 def to_markdown(payload: dict, png_name: str | None) -> str:
@@ -445,12 +434,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
     else:
         verdict = "not evaluated (a side has no result: see the status column)"
     lines = [
-        "# 3BPA accuracy at an equal CPU budget: this project vs mace-torch",
-        "",
-        f"Command: `{payload['command']}`",
-        "",
-        bc.machine_markdown(payload["machine"], payload["peer"]),
-        bc.hp_markdown(payload["hyperparameters"]),
+        *bc.report_header("3BPA accuracy at an equal CPU budget: this project vs mace-torch", payload),
         f"- data: {Path(st['data']).name}, seeded split (seed {st['seed']}) {st['n_train']} train / {st['n_val']} "
         f"validation, written once and read by both sides (`REF_energy`/`REF_forces`); E0s from iso_atoms.xyz",
         f"- budget: {st['budget_min']:g} CPU minutes (user + system of the process tree, start-up and data "
@@ -581,20 +565,8 @@ def main(argv=None) -> int:
                   f"meV/atom, F {row['forces_rmse_mev_A']:.2f} meV/Å")
         else:
             print(f"[{row['side']}] {row['status']}: {row.get('reason')}")
-    png = None
     json_path = Path(args.json).with_suffix(".json") if args.json else None
-    if json_path:
-        png = json_path.with_suffix(".png")
-        png.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            plot(payload, png)
-            payload["plot"] = png.name
-        except Exception as exc:  # a plot failure must not lose the numbers
-            payload["plot_error"] = f"{type(exc).__name__}: {exc}"
-            png = None
-    written = bc.write_report(payload, json_path, to_markdown(payload, png.name if png else None))
-    if written:
-        print(f"wrote {written['json']}, {written['markdown']}" + (f" and {png}" if png else ""))
+    bc.write_report_with_plot(payload, json_path, plot, to_markdown)
     return 0 if any(r["side"] == "ours" and r["status"] == "ok" for r in rows) else 1
 
 

@@ -188,6 +188,53 @@ def timed_relaxation(atoms, task: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- timing
+def report_header(title: str, payload: dict[str, Any]) -> list[str]:
+    """First lines of every benchmark report: title, exact command, machine and library versions, hyper-parameters."""
+    return [f"# {title}", "", f"Command: `{payload['command']}`", "",
+            machine_markdown(payload["machine"], payload["peer"]), hp_markdown(payload["hyperparameters"])]
+
+
+def write_report_with_plot(payload: dict[str, Any], json_path, plot: Callable[[dict, Path], None], to_markdown) -> None:
+    """Plot beside ``json_path`` (``.png``; a failing plot is recorded, never fatal), then write the JSON and Markdown
+    reports (:func:`write_report`); ``to_markdown(payload, png_name_or_None)``."""
+    png = None
+    if json_path:
+        png = Path(json_path).with_suffix(".png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            plot(payload, png)
+            payload["plot"] = png.name
+        except Exception as exc:  # a plot failure must not lose the numbers
+            payload["plot_error"] = f"{type(exc).__name__}: {exc}"
+            png = None
+    written = write_report(payload, json_path, to_markdown(payload, png.name if png else None))
+    if written:
+        print(f"wrote {written['json']}, {written['markdown']}" + (f" and {png}" if png else ""))
+
+
+def new_figure(ncols: int, figsize: tuple[float, float]):
+    """A row of ``ncols`` matplotlib axes on the headless Agg backend → (fig, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=figsize)
+
+
+def save_figure(fig, axes, png: Path, title: str, fontsize: int = 9) -> None:
+    """Grid + legend on every axis, a title, tight layout; write ``png`` (110 dpi) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def timing_stats(times: Sequence[float]) -> dict[str, float]:
     """Median, mean, min, max and count of a list of durations (s)."""
     xs = sorted(float(t) for t in times)

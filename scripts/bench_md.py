@@ -305,12 +305,7 @@ def profiles(args, systems: list[dict], backends: list[dict]) -> list[dict]:
 
 
 def plot(payload: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = bc.new_figure(3, (15, 4.5))
     for b in payload["variants"]:
         for dtype in payload["settings"]["dtypes"]:
             pts = sorted((r for r in payload["rows"] if r["backend"] == b and r.get("dtype") == dtype
@@ -332,27 +327,16 @@ def plot(payload: dict, png: Path) -> None:
     axes[0].set(xlabel="atoms", ylabel="ms per call (energy+forces+stress)", title="time per calculator call")
     axes[1].set(xlabel="atoms", ylabel="ms per atom", title="cost per atom (flat = linear scaling)")
     axes[2].set(xlabel="atoms", ylabel="peak RSS of the process (MB)", title="peak memory")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
     m = payload["machine"]
-    fig.suptitle(f"ASE calculator on fcc Cu: {m['cpu_model']}, torch threads: {m['torch_threads']}, "
-                 f"load average at start {m.get('load_average_start', ['?'])[0]} (shared machine), {m['date'][:10]} UTC",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    bc.save_figure(fig, axes, png, f"ASE calculator on fcc Cu: {m['cpu_model']}, torch threads: {m['torch_threads']}, "
+                   f"load average at start {m.get('load_average_start', ['?'])[0]} (shared machine), {m['date'][:10]} UTC",
+                   fontsize=10)
 
 
 def to_markdown(payload: dict, png_name: str | None) -> str:
     s = payload["settings"]
     lines = [
-        "# Inference (ASE calculator): this project vs mace-torch",
-        "",
-        f"Command: `{payload['command']}`",
-        "",
-        bc.machine_markdown(payload["machine"], payload["peer"]),
-        bc.hp_markdown(payload["hyperparameters"]),
+        *bc.report_header("Inference (ASE calculator): this project vs mace-torch", payload),
         "- one call = neighbour list + graph + energy + forces (+ stress for periodic cells; mace-torch's calculator "
         f"computes stress for the molecule too); {s['warmup']} warm-up call(s), up to {s['repeat']} timed call(s) per "
         f"row (at sizes where a back end is predicted above {s['big_call_s']:g} s per call: one call, without warm-up, for all back ends; see the calls column); untrained models, random weights, same architecture on both sides",
@@ -452,19 +436,7 @@ def main(argv=None) -> int:
     if args.worker:
         return bc.worker_main(worker)
     payload = run(args)
-    png = None
-    if args.json:
-        png = Path(args.json).with_suffix(".png")
-        png.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            plot(payload, png)
-            payload["plot"] = png.name
-        except Exception as exc:  # a plot failure must not lose the numbers
-            payload["plot_error"] = f"{type(exc).__name__}: {exc}"
-            png = None
-    written = bc.write_report(payload, args.json, to_markdown(payload, png.name if png else None))
-    if written:
-        print(f"wrote {written['json']}, {written['markdown']}" + (f" and {png}" if png else ""))
+    bc.write_report_with_plot(payload, args.json, plot, to_markdown)
     return 0
 
 

@@ -158,12 +158,7 @@ def run(args) -> dict:
 def to_markdown(payload: dict) -> str:
     s = payload["settings"]
     lines = [
-        "# Relaxations: this project vs mace-torch",
-        "",
-        f"Command: `{payload['command']}`",
-        "",
-        bc.machine_markdown(payload["machine"], payload["peer"]),
-        bc.hp_markdown(payload["hyperparameters"]),
+        *bc.report_header("Relaxations: this project vs mace-torch", payload),
         (f"- {s['optimizer']}, fmax {s['fmax']} eV/Å, at most {s['steps']} steps" if s["fmax"] > 0 else
          f"- {s['optimizer']}, a fixed {s['steps']} steps (fmax 0: untrained models have no meaningful minimum, so "
          "both sides do the same number of optimiser steps and the wall times compare directly)")

@@ -231,12 +231,7 @@ def run(args) -> dict:
 def to_markdown(payload: dict) -> str:
     s = payload["settings"]
     lines = [
-        "# Training throughput: this project vs mace-torch",
-        "",
-        f"Command: `{payload['command']}`",
-        "",
-        bc.machine_markdown(payload["machine"], payload["peer"]),
-        bc.hp_markdown(payload["hyperparameters"]),
+        *bc.report_header("Training throughput: this project vs mace-torch", payload),
         "- step: forward + forces (+ stress on periodic data) by autograd + weighted loss "
         f"(energy/atom {LOSS['energy']}, forces {LOSS['forces']}, stress {LOSS['stress']}) + backward + "
         f"{s['optimizer']}; batches pre-collated; {s['warmup']} warm-up step(s), {s['steps']} timed step(s) per row; "

@@ -287,28 +287,32 @@ class SymmetricContraction(torch.nn.Module):
         return from_channels_last(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0), self.irreps_out)
 
     def _contract(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        """x [n, C, d] (channels-last) → [n, C, Σ_out (2L+1)] (channels-last)."""
-        n = x.shape[0]
+        """x [n, C, d] (channels-last) → [n, C, Σ_out (2L+1)] (channels-last).
+
+        Works component-major ([d, n·C]): the monomial gathers then copy whole rows (and their backward adds whole
+        rows) instead of picking single elements out of every length-d row."""
+        n, c, d = x.shape
+        xt = x.permute(2, 0, 1).reshape(d, n * c)
         feats: dict[o3.Irrep, list[torch.Tensor]] = {ir: [] for ir in self.distinct}
-        mono = x
+        mono = xt
         for nu in range(1, self.correlation + 1):
-            if nu > 1:  # index_select (backward: index_add) is much faster than advanced indexing (index_put)
+            if nu > 1:
                 parent, last = getattr(self, f"parent_{nu}"), getattr(self, f"last_{nu}")
-                mono = mono.index_select(-1, parent) * x.index_select(-1, last)
+                mono = mono.index_select(0, parent) * xt.index_select(0, last)  # [C(d+ν-1, ν), n·C]
             u = getattr(self, f"U_{nu}")
             if u.shape[1] == 0:
                 continue
-            y = mono @ u.to(mono.dtype)  # [n, C, Σ_L P(2L+1)]
+            y = u.t().to(mono.dtype) @ mono  # [Σ_L P(2L+1), n·C]
             start = 0
             for ir in self.distinct:
                 p = self.n_paths[nu].get(ir, 0)
                 if p:
-                    feats[ir].append(y[..., start:start + p * ir.dim].reshape(n, self.channels, p, ir.dim))
+                    feats[ir].append(y[start:start + p * ir.dim].view(p, ir.dim, n, c))
                     start += p * ir.dim
-        cat = {ir: torch.cat(f, dim=2) for ir, f in feats.items()}  # [n, C, P_total(L), 2L+1]
+        cat = {ir: torch.cat(f, dim=0) for ir, f in feats.items()}  # [P_total(L), 2L+1, n, C]
         outs = []
         for (_, ir), w in zip(self.irreps_out, self.weights):
-            outs.append(torch.einsum("ncpm,npc->ncm", cat[ir], w.index_select(0, species)))
+            outs.append(torch.einsum("pmnc,npc->ncm", cat[ir], w.index_select(0, species)))
         return torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
