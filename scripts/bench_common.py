@@ -207,9 +207,7 @@ def write_report_with_plot(payload: dict[str, Any], json_path, plot: Callable[[d
         except Exception as exc:  # a plot failure must not lose the numbers
             payload["plot_error"] = f"{type(exc).__name__}: {exc}"
             png = None
-    written = write_report(payload, json_path, to_markdown(payload, png.name if png else None))
-    if written:
-        print(f"wrote {written['json']}, {written['markdown']}" + (f" and {png}" if png else ""))
+    write_report(payload, json_path, to_markdown(payload, png.name if png else None), also=[png] if png else [])
 
 
 def new_figure(ncols: int, figsize: tuple[float, float]):
@@ -574,8 +572,10 @@ def hp_markdown(desc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_report(payload: dict[str, Any], json_path: str | os.PathLike | None, markdown: str) -> dict[str, str]:
-    """Write ``payload`` as JSON to ``json_path`` and ``markdown`` beside it (same stem, ``.md``).
+def write_report(payload: dict[str, Any], json_path: str | os.PathLike | None, markdown: str,
+                 also: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
+    """Print ``markdown``; write ``payload`` as JSON to ``json_path`` and ``markdown`` beside it (same stem, ``.md``),
+    each atomically, and print what was written (plus the files in ``also``, e.g. the plot).
 
     Returns the paths written. Without ``json_path`` only prints the Markdown.
     """
@@ -585,10 +585,11 @@ def write_report(payload: dict[str, Any], json_path: str | os.PathLike | None, m
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     md_path = path.with_suffix(".md")
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    md_path.write_text(markdown + "\n")
+    for target, text in ((path, json.dumps(payload, indent=1, default=_json_default)), (md_path, markdown)):
+        tmp = target.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, target)
+    print(f"wrote {path}, {md_path}" + "".join(f" and {a}" for a in also))
     return {"json": str(path), "markdown": str(md_path)}
 
 

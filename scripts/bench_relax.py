@@ -225,9 +225,7 @@ def main(argv=None) -> int:
     if args.worker:
         return bc.worker_main(worker)
     payload = run(args)
-    written = bc.write_report(payload, args.json, to_markdown(payload))
-    if written:
-        print(f"wrote {written['json']} and {written['markdown']}")
+    bc.write_report(payload, args.json, to_markdown(payload))
     return 0
 
 

@@ -325,9 +325,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     payload = run(args)
-    written = bc.write_report(payload, args.json, to_markdown(payload))
-    if written:
-        print(f"wrote {written['json']} and {written['markdown']}")
+    bc.write_report(payload, args.json, to_markdown(payload))
     return 0
 
 

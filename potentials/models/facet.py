@@ -26,7 +26,7 @@ from potentials.data.graph import AtomicGraph
 from potentials.errors import PotentialsError
 from potentials.models.base import PotentialModel
 from potentials.models.mace import natural_irreps
-from potentials.nn.ops import node_checkpointed, use_fused
+from potentials.nn.ops import node_checkpointed
 from potentials.nn.precision import backbone_autocast, outside_autocast
 from potentials.nn.blocks import EdgeConvolution, LinearNodeEmbedding, NonLinearReadout, ScaleShift
 from potentials.nn.radial import RadialEmbedding
@@ -131,7 +131,6 @@ class Facet(PotentialModel):
         with backbone_autocast():  # bf16/fp16 autocast (if the caller asked) covers only the backbone
             for conv, mixer, residual in zip(self.convolutions, self.mixers, self.residuals):
                 m = conv(h, edge_attrs, edge_feats, lengths, edge_index)
-                mixed = node_checkpointed(mixer, m) if use_fused(mixer) else mixer(m)  # inference: recompute, not store
-                h = mixed + outside_autocast(residual, h)
+                h = node_checkpointed(mixer, mixer, m) + outside_autocast(residual, h)  # inference: recompute, not store
         node_energy = self.readout(h.to(dtype)).squeeze(-1)  # the energy head runs in the model dtype
         return self.total_energy(node_energy, species, graph)

@@ -95,10 +95,8 @@ class ProductBlock(torch.nn.Module):
         self.linear = o3.Linear(o3.Irreps(irreps_out), o3.Irreps(irreps_out))
 
     def forward(self, a: torch.Tensor, species: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
-        if use_fused(self):  # inference: per-node intermediates recomputed in the backward pass, not stored
-            product = node_checkpointed(lambda a, s: outside_autocast(self.product, a, s), a, species)
-        else:
-            product = outside_autocast(self.product, a, species)
+        # inference: per-node intermediates recomputed in the backward pass, not stored
+        product = node_checkpointed(self, lambda a, s: outside_autocast(self.product, a, s), a, species)
         out = self.linear(product)
         return out if sc is None else out + sc
 

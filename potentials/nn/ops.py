@@ -38,12 +38,12 @@ def use_fused(module: torch.nn.Module) -> bool:
 CHUNK_NODES = 256  # nodes per checkpointed chunk of node_checkpointed
 
 
-def node_checkpointed(fn, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn(*tensors)`` for a row-wise (per-node) ``fn``, evaluated in chunks of :data:`CHUNK_NODES` rows that are
-    each checkpointed: only the inputs are kept for the backward pass, the intermediates are recomputed there.
-    The inference path of node-level blocks (product basis, grid mixer) inside :func:`fused_inference`."""
+def node_checkpointed(owner: torch.nn.Module, fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)`` for a row-wise (per-node) ``fn`` of the module ``owner``. When :func:`use_fused` holds for
+    ``owner`` (inference), it is evaluated in chunks of :data:`CHUNK_NODES` rows that are each checkpointed: only the
+    inputs are kept for the backward pass, the intermediates are recomputed there. Otherwise one plain call."""
     n = tensors[0].shape[0]
-    if not torch.is_grad_enabled() or n <= CHUNK_NODES:
+    if not use_fused(owner) or not torch.is_grad_enabled() or n <= CHUNK_NODES:
         return fn(*tensors)
     from torch.utils.checkpoint import checkpoint
 
@@ -96,9 +96,10 @@ class _ChunkedAggregate(torch.autograd.Function):
             )
         x, y, r, edge_index = ctx.saved_tensors
         centre, neighbour = edge_index[0], edge_index[1]
-        need = ctx.needs_input_grad[1:4]
+        need = ctx.needs_input_grad[1:4]  # x, y, r
         grad_x = torch.zeros_like(x) if need[0] else None
-        grad_y, grad_r = [], []
+        grad_y = torch.zeros_like(y) if need[1] else None
+        grad_r = torch.zeros_like(r) if need[2] else None
         for s in _edge_chunks(y.shape[0]):
             inputs = [x.index_select(0, neighbour[s]), y[s], r[s]]
             inputs = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
@@ -109,12 +110,8 @@ class _ChunkedAggregate(torch.autograd.Function):
             gx, gy, gr = (next(grads) if n else None for n in need)
             if gx is not None:
                 grad_x.index_add_(0, neighbour[s], gx)
-            grad_y.append(gy if gy is not None or not need[1] else torch.zeros_like(inputs[1]))
-            grad_r.append(gr if gr is not None or not need[2] else torch.zeros_like(inputs[2]))
-        return (
-            None,
-            grad_x,
-            torch.cat(grad_y) if need[1] and grad_y else (torch.zeros_like(y) if need[1] else None),
-            torch.cat(grad_r) if need[2] and grad_r else (torch.zeros_like(r) if need[2] else None),
-            None,
-        )
+            if gy is not None:
+                grad_y[s] = gy
+            if gr is not None:
+                grad_r[s] = gr
+        return None, grad_x, grad_y, grad_r, None
