@@ -48,8 +48,11 @@ class PotentialModel(torch.nn.Module):
 
     def node_and_edge_inputs(self, graph: AtomicGraph, dtype: torch.dtype):
         """Species [n], one-hot [n, num_elements], edge vectors [E, 3] and lengths [E, 1] (Å) in ``dtype``;
-        the vectors are formed in the dtype of the positions (float64 from the data) before the cast."""
-        species = self.species(graph["numbers"])
+        the vectors are formed in the dtype of the positions (float64 from the data) before the cast.
+
+        Species come from ``graph["species"]`` when the caller validated the elements already (the traced path:
+        :mod:`potentials.models.compiled` checks them eagerly, outside the graph), else from :meth:`species`."""
+        species = graph["species"] if "species" in graph else self.species(graph["numbers"])
         one_hot = torch.nn.functional.one_hot(species, self.num_elements).to(dtype)
         vectors = edge_vectors(graph).to(dtype)
         return species, one_hot, vectors, vectors.norm(dim=-1, keepdim=True)
@@ -57,7 +60,7 @@ class PotentialModel(torch.nn.Module):
     def total_energy(self, node_energy: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         """Per-atom model energies [n] → scale/shift + E0 in float64 → summed per structure [B] (eV)."""
         atom_energy = self.scale_shift(node_energy, species).to(torch.float64) + self.e0s[species]
-        return scatter_sum(atom_energy, graph["batch"], int(graph["num_atoms"].shape[0]))
+        return scatter_sum(atom_energy, graph["batch"], graph["num_atoms"].shape[0])  # no int(): B stays symbolic
 
 
 def edge_vectors(graph: AtomicGraph) -> torch.Tensor:

@@ -63,8 +63,14 @@ def _energy_forces_stress(model, graph, forces, stress, training):
         g = grads[-1]
         if g is None:
             g = torch.zeros_like(strain)
-        volume = torch.linalg.det(graph["cell"].to(g.dtype)).abs()
+        volume = cell_volume(graph["cell"].to(g.dtype))
         periodic = graph["pbc"].any(dim=1) & (volume > 0)
         safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
         out["stress"] = torch.where(periodic[:, None, None], g / safe_volume[:, None, None], torch.zeros_like(g))
     return out
+
+
+def cell_volume(cell: torch.Tensor) -> torch.Tensor:
+    """|a · (b × c)| of cells [B, 3, 3] (rows = lattice vectors) → [B] (Å³). A triple product, not
+    ``torch.linalg.det``: no LAPACK call, so it traces and compiles to plain elementwise code."""
+    return torch.linalg.cross(cell[:, 1], cell[:, 2]).mul(cell[:, 0]).sum(-1).abs()

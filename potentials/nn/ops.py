@@ -30,9 +30,29 @@ def fused_inference():
         _FUSED_INFERENCE.reset(token)
 
 
+_TRACING: contextvars.ContextVar[bool] = contextvars.ContextVar("potentials_tracing", default=False)
+
+
+@contextlib.contextmanager
+def tracing():
+    """Within this context the model is being traced into one graph (:mod:`potentials.models.compiled`): every
+    block takes its single-pass path (no Python loops over atom or edge chunks, which would fix the numbers of
+    atoms and edges in the graph) and no memory-lean custom autograd (the graph holds the derivatives itself)."""
+    token = _TRACING.set(True)
+    try:
+        yield
+    finally:
+        _TRACING.reset(token)
+
+
+def is_tracing() -> bool:
+    """True inside :func:`tracing`."""
+    return _TRACING.get()
+
+
 def use_fused(module: torch.nn.Module) -> bool:
-    """True inside :func:`fused_inference` for a module in eval mode."""
-    return _FUSED_INFERENCE.get() and not module.training
+    """True inside :func:`fused_inference` for a module in eval mode (never while tracing)."""
+    return _FUSED_INFERENCE.get() and not module.training and not _TRACING.get()
 
 
 CHUNK_NODES = 256  # nodes per checkpointed chunk of node_checkpointed

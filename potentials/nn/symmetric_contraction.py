@@ -33,6 +33,7 @@ import torch
 from e3nn import o3
 
 from potentials.errors import PotentialsError
+from potentials.nn.ops import is_tracing
 
 # A candidate (unit norm before symmetrisation) whose component orthogonal to the current basis has a norm
 # below this is taken as linearly dependent (or as killed by the symmetrisation). Dependent candidates leave
@@ -277,6 +278,8 @@ class SymmetricContraction(torch.nn.Module):
 
     def forward(self, a: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         n = a.shape[0]
+        if is_tracing():  # one pass: a loop over row chunks would fix n in the traced graph
+            return from_channels_last(self._contract(to_channels_last(a, self.irreps_in), species), self.irreps_out)
         if n == 0:  # from_channels_last cannot reshape an empty batch
             return a.new_zeros(0, self.irreps_out.dim)
         x = to_channels_last(a, self.irreps_in)  # [n, C, d]
