@@ -18,8 +18,9 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 
 from potentials.data.neighbors import atoms_to_graph
 from potentials.errors import PotentialsError
-from potentials.models import DTYPES, build_model, energy_forces_stress
-from potentials.nn.ops import fused_inference
+
+# The model code (potentials.models, e3nn) is imported inside the functions that need it, so that a calculator
+# of an exported model (from_exported) runs without it.
 
 # Options that change how a model computes, never which weights it has (grid_res: Facet's mixer grid).
 INFERENCE_OVERRIDES = ("tp", "dtype", "grid_res")
@@ -46,6 +47,8 @@ def model_from_checkpoint(path: str | os.PathLike, device="cpu", **overrides) ->
     ``overrides`` may set options that do not change the weights: ``tp`` (tensor-product engine; only
     between engines with the same parameterisation) and ``dtype`` (``float32``/``float64``).
     """
+    from potentials.models import DTYPES, build_model
+
     ckpt = load_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     model_cfg = dict(hp["model_cfg"])
@@ -76,30 +79,66 @@ class PotentialCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model: torch.nn.Module, device="cpu", **kwargs):
+    def __init__(self, model: torch.nn.Module | None, device="cpu", compile: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.model = model.to(device).eval()
         self.device = torch.device(device)
+        self.compiled = self.exported = None
+        if model is None:  # from_exported sets self.exported
+            return
+        self.model = model.to(device).eval()
         self.r_max = float(model.r_max)
+        if compile:  # weights baked into the graph as constants; one graph for every atom count (dynamic shapes)
+            from potentials.models.compiled import CompiledPotential
+
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.compiled = CompiledPotential(self.model, backend="inductor", params_as_inputs=False)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device="cpu", **overrides) -> "PotentialCalculator":
-        """Load a checkpoint in one line; ``overrides`` as in :func:`model_from_checkpoint`."""
-        return cls(model_from_checkpoint(path, device=device, **overrides), device=device)
+    def from_checkpoint(cls, path: str | os.PathLike, device="cpu", compile: bool = False, **overrides) -> "PotentialCalculator":
+        """Load a checkpoint in one line; ``overrides`` as in :func:`model_from_checkpoint`; ``compile=True``
+        evaluates through the traced and compiled graph (:mod:`potentials.models.compiled`)."""
+        return cls(model_from_checkpoint(path, device=device, **overrides), device=device, compile=compile)
+
+    @classmethod
+    def from_exported(cls, path: str | os.PathLike, device="cpu") -> "PotentialCalculator":
+        """Run a package written by ``scripts/export.py`` (AOTInductor; :mod:`potentials.exported`) — no model
+        classes are imported."""
+        from potentials.exported import ExportedPotential
+
+        calc = cls(None, device=device)
+        calc.exported = ExportedPotential(path, device=device)
+        calc.r_max = calc.exported.r_max
+        return calc
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         periodic = bool(np.any(self.atoms.pbc))
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress is only defined for periodic cells (pbc has no True)")
+        if self.exported is not None:
+            energy, forces, stress = self.exported(self.atoms)
+            self._store(energy, forces, stress if periodic else None)
+            return
+        from potentials.models import energy_forces_stress
+        from potentials.nn.ops import fused_inference
+
         graph = atoms_to_graph(self.atoms, self.r_max, where="calculator input", require_edges=False)
         graph["batch"] = torch.zeros(len(self.atoms), dtype=torch.long)
         graph = graph.to(self.device)
-        with fused_inference():  # memory-lean kernels: only input derivatives are needed here
-            out = energy_forces_stress(self.model, graph, forces=True, stress=periodic)
-        energy = float(out["energy"].detach().cpu()[0])
-        self.results["energy"] = self.results["free_energy"] = energy
-        self.results["forces"] = out["forces"].detach().cpu().to(torch.float64).numpy()
-        if periodic:
-            s = out["stress"].detach().cpu().to(torch.float64).numpy()[0]
+        if self.compiled is not None:
+            with torch.no_grad():  # the compiled graph computes forces and stress itself
+                out = self.compiled(graph, forces=True, stress=periodic)
+        else:
+            with fused_inference():  # memory-lean kernels: only input derivatives are needed here
+                out = energy_forces_stress(self.model, graph, forces=True, stress=periodic)
+        self._store(out["energy"], out["forces"], out["stress"] if periodic else None)
+
+    def _store(self, energy: torch.Tensor, forces: torch.Tensor, stress: torch.Tensor | None) -> None:
+        """energy [1] (eV), forces [n, 3] (eV/Å), stress [1, 3, 3] (eV/Å³) or None → ``results`` (stress in Voigt
+        order xx yy zz yz xz xy)."""
+        self.results["energy"] = self.results["free_energy"] = float(energy.detach().cpu()[0])
+        self.results["forces"] = forces.detach().cpu().to(torch.float64).numpy()
+        if stress is not None:
+            s = stress.detach().cpu().to(torch.float64).numpy()[0]
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

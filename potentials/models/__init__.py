@@ -22,6 +22,7 @@ def build_model(cfg: dict[str, Any], stats: dict[str, Any]) -> torch.nn.Module:
     cfg = dict(cfg)
     name = cfg.pop("name", "mace")
     dtype = cfg.pop("dtype", "float64")
+    cfg.pop("compile", None)  # how the model is executed (potentials.models.compiled), not what it is
     if name not in MODELS:
         raise PotentialsError(f"unknown model name {name!r}; available: {sorted(MODELS)}")
     if dtype not in DTYPES:

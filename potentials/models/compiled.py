@@ -110,7 +110,7 @@ def trace(
         return tuple(out[k] for k in ("energy", "forces", "stress") if k in out)
 
     args = inputs + (tensors if params_as_inputs else [])
-    with tracing(), _no_duck_shapes():  # under the caller's autocast: the backbone casts are recorded
+    with tracing(), _no_duck_shapes(), torch.enable_grad():  # under the caller's autocast: the backbone casts are recorded
         gm = make_fx(
             run, decomposition_table=_decompositions(), tracing_mode="symbolic",
             _allow_non_fake_inputs=True, _error_on_data_dependent_ops=True,
@@ -149,6 +149,8 @@ class CompiledPotential:
         params_as_inputs: parameters are graph inputs (training, fine-tuning) or constants (inference).
         check: compare the first evaluation of each new graph with eager execution (tolerance 1e-8 relative
             in float64, 1e-4 in float32) and raise :class:`PotentialsError` if they differ.
+        fallback: if a graph cannot be traced or compiled, log the reason once and run that signature eagerly
+            (training) instead of raising.
 
     ``__call__(graph, forces, stress)`` returns the dict of :func:`energy_forces_stress`. Graphs with fewer than
     2 atoms or edges run eagerly. The first call of each signature (forces/stress asked, B = 1 or not, dtype,
@@ -156,8 +158,9 @@ class CompiledPotential:
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: str | None = "inductor", params_as_inputs: bool = True,
-                 check: bool = True):
+                 check: bool = True, fallback: bool = False):
         self.model = model
+        self.fallback = fallback
         self.backend = backend
         self.params_as_inputs = params_as_inputs
         self.check = check
@@ -166,8 +169,10 @@ class CompiledPotential:
 
     # the cache holds compiled code: never copied or pickled (EMA copies of the module start without it)
     def __deepcopy__(self, memo):
-        return CompiledPotential(self.model, backend=self.backend, params_as_inputs=self.params_as_inputs,
-                                 check=self.check)
+        import copy
+
+        return CompiledPotential(copy.deepcopy(self.model, memo), backend=self.backend,
+                                 params_as_inputs=self.params_as_inputs, check=self.check, fallback=self.fallback)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -183,15 +188,26 @@ class CompiledPotential:
                  training: bool = False) -> dict[str, torch.Tensor]:
         n, e = graph["positions"].shape[0], graph["edge_index"].shape[1]
         if n < MIN_SIZE or e < MIN_SIZE:
-            return energy_forces_stress(self.model, graph, forces=forces, stress=stress, training=training)
+            with torch.enable_grad():
+                return energy_forces_stress(self.model, graph, forces=forces, stress=stress, training=training)
         key = self._key(graph, forces, stress)
         fn = self._cache.get(key)
         first = fn is None
-        if first:
-            fn = self._build(graph, forces, stress, key)
-        out = self._run(fn, graph, forces, stress)
-        if first and self.check:
-            self._compare(out, graph, forces, stress)
+        try:
+            if first:
+                fn = self._build(graph, forces, stress, key)
+            if fn is _EAGER:
+                return energy_forces_stress(self.model, graph, forces=forces, stress=stress, training=training)
+            out = self._run(fn, graph, forces, stress)
+            if first and self.check:
+                self._compare(out, graph, forces, stress)
+        except Exception as exc:
+            if not (first and self.fallback):
+                raise
+            log.warning("model.compile: this configuration cannot be compiled (%s: %s); running it eagerly",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self._cache[key], self._pending = _EAGER, None
+            return energy_forces_stress(self.model, graph, forces=forces, stress=stress, training=training)
         return out
 
     def _build(self, graph: AtomicGraph, forces: bool, stress: bool, key: tuple) -> Callable:
@@ -221,7 +237,8 @@ class CompiledPotential:
         return dict(zip(keys, outs))
 
     def _compare(self, out: dict, graph: AtomicGraph, forces: bool, stress: bool) -> None:
-        ref = energy_forces_stress(self.model, graph, forces=forces, stress=stress)
+        with torch.enable_grad():
+            ref = energy_forces_stress(self.model, graph, forces=forces, stress=stress)
         tol = 1e-8 if graph["positions"].dtype == torch.float64 and _model_dtype(self.model) == torch.float64 else 1e-4
         for k, v in ref.items():
             got, want = out[k].detach(), v.detach()
@@ -233,13 +250,23 @@ class CompiledPotential:
                 )
 
 
+_EAGER = object()  # cache entry of a signature that could not be compiled (fallback)
+
+
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
 
 
+class EagerPotential:
+    """Same call signature as :class:`CompiledPotential`, running :func:`energy_forces_stress` eagerly."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, graph: AtomicGraph, **kw) -> dict[str, torch.Tensor]:
+        return energy_forces_stress(self.model, graph, **kw)
+
+
 def compiled_or_eager(model: torch.nn.Module, enabled: bool, **options: Any):
-    """``CompiledPotential(model, **options)`` when ``enabled``, else a callable with the same signature running
-    :func:`energy_forces_stress` eagerly."""
-    if enabled:
-        return CompiledPotential(model, **options)
-    return lambda graph, **kw: energy_forces_stress(model, graph, **kw)
+    """``CompiledPotential(model, fallback=True, **options)`` when ``enabled``, else :class:`EagerPotential`."""
+    return CompiledPotential(model, fallback=True, **options) if enabled else EagerPotential(model)

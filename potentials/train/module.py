@@ -15,7 +15,8 @@ import torch
 
 from potentials.data.graph import AtomicGraph
 from potentials.errors import PotentialsError
-from potentials.models import build_model, energy_forces_stress
+from potentials.models import build_model
+from potentials.models.compiled import compiled_or_eager
 from potentials.train.loss import ErrorAccumulator, WeightedLoss
 
 
@@ -41,6 +42,9 @@ class PotentialModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(model_cfg, stats)
+        # model.compile=true: energy -> forces/stress traced into one graph and compiled (potentials.models.compiled);
+        # parameters are graph inputs, so their gradients reach the live weights (optimiser, EMA, DDP unchanged)
+        self.compiled = compiled_or_eager(self.model, bool(model_cfg.get("compile", False)), backend="inductor")
         self.loss_fn = WeightedLoss(**(loss or {}))
         self.optim_cfg = {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "amsgrad": True, **(optim or {})}
         self.sched_cfg = {"name": "plateau", "factor": 0.8, "patience": 5, **(scheduler or {})}
@@ -49,7 +53,7 @@ class PotentialModule(pl.LightningModule):
 
     def forward(self, graph: AtomicGraph, training: bool = False) -> dict[str, torch.Tensor]:
         stress = self.want_stress or ("stress" in graph and bool((graph["stress_weight"] > 0).any()))
-        return energy_forces_stress(self.model, graph, forces=True, stress=stress, training=training)
+        return self.compiled(graph, forces=True, stress=stress, training=training)
 
     def _step(self, graph: AtomicGraph, stage: str) -> torch.Tensor:
         pred = self(graph, training=stage == "train")
