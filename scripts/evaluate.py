@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tp", help="evaluate with another tensor-product engine (same weights)")
+    p.add_argument("--compile", action="store_true", help="evaluate through the traced + compiled graph")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
         )
         preds, numbers = predict(
             model, [ds[i] for i in range(len(ds))], batch_size=args.batch_size, device=args.device, return_numbers=True,
+            compile=args.compile,
         )
         if "forces" in numbers:
             all_numbers.append(numbers["forces"])

@@ -2,7 +2,7 @@
 """Relax a structure with a trained potential.
 
     python scripts/relax.py CKPT STRUCTURE [--fmax 0.01] [--optimizer FIRE|BFGS] [--cell] [--steps N]
-                            [--out relaxed.extxyz] [--traj relax.traj]
+                            [--out relaxed.extxyz] [--traj relax.traj] [--compile]
 
 With ``--cell`` the cell relaxes too (ASE ``FrechetCellFilter``). Prints energy and fmax per step; writes the
 trajectory and the final structure.
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--traj", default=None, help="trajectory file (default: OUT with .traj)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tp", help="tensor-product engine override (same weights)")
+    p.add_argument("--compile", action="store_true", help="run the traced + compiled graph (first call compiles)")
     args = p.parse_args(argv)
 
     import ase.io
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
     if args.cell and not atoms.pbc.any():
         raise PotentialsError(f"{args.structure}: --cell needs a periodic structure (pbc is all False)")
     overrides = {"tp": args.tp} if args.tp else {}
-    atoms.calc = PotentialCalculator.from_checkpoint(args.checkpoint, device=args.device, **overrides)
+    atoms.calc = PotentialCalculator.from_checkpoint(
+        args.checkpoint, device=args.device, compile=args.compile, **overrides
+    )
     target = FrechetCellFilter(atoms) if args.cell else atoms
     traj = args.traj or str(Path(args.out).with_suffix(".traj"))
     opt = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}[args.optimizer](target, trajectory=traj, logfile=None)

@@ -267,6 +267,16 @@ class EagerPotential:
         return energy_forces_stress(self.model, graph, **kw)
 
 
-def compiled_or_eager(model: torch.nn.Module, enabled: bool, **options: Any):
-    """``CompiledPotential(model, fallback=True, **options)`` when ``enabled``, else :class:`EagerPotential`."""
-    return CompiledPotential(model, fallback=True, **options) if enabled else EagerPotential(model)
+BACKENDS = ("inductor", "aot_eager", "trace")
+
+
+def compiled_or_eager(model: torch.nn.Module, option: bool | str, **options: Any):
+    """The executor for the config value ``model.compile``: ``false`` → :class:`EagerPotential`; ``true`` or
+    ``inductor`` → :class:`CompiledPotential` (inductor, eager fallback with a logged reason); ``aot_eager`` →
+    compiled without generating C++; ``trace`` → the traced graph run as is (no compiler)."""
+    if option in (False, None, "false", "eager"):
+        return EagerPotential(model)
+    backend = "inductor" if option in (True, "true") else option
+    if backend not in BACKENDS:
+        raise PotentialsError(f"model.compile must be true, false or one of {list(BACKENDS)}, got {option!r}")
+    return CompiledPotential(model, fallback=True, backend=None if backend == "trace" else backend, **options)

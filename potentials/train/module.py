@@ -44,7 +44,7 @@ class PotentialModule(pl.LightningModule):
         self.model = build_model(model_cfg, stats)
         # model.compile=true: energy -> forces/stress traced into one graph and compiled (potentials.models.compiled);
         # parameters are graph inputs, so their gradients reach the live weights (optimiser, EMA, DDP unchanged)
-        self.compiled = compiled_or_eager(self.model, bool(model_cfg.get("compile", False)), backend="inductor")
+        self.compiled = compiled_or_eager(self.model, model_cfg.get("compile", False))
         self.loss_fn = WeightedLoss(**(loss or {}))
         self.optim_cfg = {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "amsgrad": True, **(optim or {})}
         self.sched_cfg = {"name": "plateau", "factor": 0.8, "patience": 5, **(scheduler or {})}
