@@ -16,12 +16,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from potentials.errors import PotentialsError, cli_errors  # noqa: E402
+from potentials.io import atomic_path  # noqa: E402
 
 
 COLS = [("energy", "E meV/at"), ("forces", "F meV/Å"), ("stress", "S meV/Å³")]
@@ -29,15 +29,8 @@ COLS = [("energy", "E meV/at"), ("forces", "F meV/Å"), ("stress", "S meV/Å³")
 
 def _atomic(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
     return path
 
 

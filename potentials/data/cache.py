@@ -50,6 +50,7 @@ from potentials.data.dataset import GraphDataset
 from potentials.data.graph import AtomicGraph
 from potentials.data.neighbors import check_cell, neighbor_list
 from potentials.errors import PotentialsError
+from potentials.io import atomic_open, fsync_dir
 
 log = logging.getLogger("potentials.data")
 
@@ -255,19 +256,6 @@ def _remove_dead_tmp_dirs(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class _Writer:
     """Appends chunks to the field files of a cache under construction."""
 
@@ -407,13 +395,9 @@ def write_cache(
             json.dump(systems, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        meta_tmp = tmp / "meta.json.part"
-        with open(meta_tmp, "w") as fh:
+        with atomic_open(tmp / "meta.json", "w", fsync=True) as fh:
             json.dump(meta, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(meta_tmp, tmp / "meta.json")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -421,7 +405,7 @@ def write_cache(
                 raise
             log.info("cache %s was completed by another process; using it", final)
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -731,11 +715,9 @@ class CachedGraphDataset(GraphDataset):
             "scale": scale if scale > 0 else 1.0,
             "shift": shift,
         }
-        tmp = stats_file.with_name(f".{stats_file.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w") as fh:
+            with atomic_open(stats_file, "w", mkdir=False) as fh:
                 json.dump(stats, fh)
-            os.replace(tmp, stats_file)
         except OSError as exc:  # a read-only cache still works
             log.info("could not store statistics in %s: %s", stats_file, exc)
         return stats
