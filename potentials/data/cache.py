@@ -520,7 +520,7 @@ class CachedGraphDataset(GraphDataset):
         return self._offsets("nedges")
 
     def __getstate__(self):  # for DataLoader workers: no maps, no offsets (rebuilt lazily there)
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_off_")}
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_off_") and k != "_systems"}
         state["_maps"] = {}
         return state
 
@@ -566,6 +566,30 @@ class CachedGraphDataset(GraphDataset):
         lo = int(ends[frame - 1]) if frame > 0 else 0
         label = bytes(self._map("labels")[lo:int(ends[frame])]).decode("utf-8")
         return f"{src}, frame {idx}" + (f" ({label})" if label else "")
+
+    def frame_info(self, idx: int) -> dict:
+        """Provenance and per-atom extras of this dataset's frame ``idx`` (see :meth:`GraphDataset.frame_info`)."""
+        k = int(self.indices[idx])
+        a0, a1 = int(self._atom_off[k]), int(self._atom_off[k + 1])
+        ends = self._map("label_end")
+        lo = int(ends[k - 1]) if k > 0 else 0
+        systems = self.__dict__.get("_systems")
+        if systems is None:
+            try:
+                with open(self.path / "systems.json") as fh:
+                    systems = json.load(fh)
+            except (OSError, ValueError):
+                systems = []
+            self.__dict__["_systems"] = systems
+        sid = int(self._map("system_id")[k])
+        return {
+            "source_file": self.meta["files"][int(self._map("source_file")[k])],
+            "source_index": int(self._map("source_index")[k]),
+            "label": bytes(self._map("labels")[lo:int(ends[k])]).decode("utf-8"),
+            "system": systems[sid] if sid < len(systems) else str(sid),
+            "fixed": np.array(self._map("fixed")[a0:a1], dtype=bool),
+            "tags": np.array(self._map("tags")[a0:a1], dtype=np.int64),
+        }
 
     def frame_arrays(self, names: Sequence[str]) -> dict[str, np.ndarray]:
         """Per-frame arrays of this dataset's frames (``natoms``, ``energy``, ``fmax``, ``system_id``, ...)."""

@@ -161,6 +161,15 @@ class GraphDataset(torch.utils.data.Dataset):
     def __iter__(self):
         return iter(self.graphs)
 
+    def frame_info(self, idx: int) -> dict:
+        """Provenance and per-atom extras of graph ``idx``: ``source_file``, ``source_index`` (frame in that
+        file, -1 if unknown), ``label``, ``system``, ``fixed`` ([n] bool or None), ``tags`` ([n] int or None)."""
+        src = self.sources[idx]
+        file, sep, rest = src.rpartition(", frame ")
+        index = int(rest) if sep and rest.isdigit() else -1
+        return {"source_file": file if sep else src, "source_index": index, "label": "", "system": file if sep else src,
+                "fixed": None, "tags": None}
+
     def subset(self, indices: Sequence[int]) -> "GraphDataset":
         idx = [int(i) for i in indices]
         return GraphDataset([self.graphs[i] for i in idx], [self.sources[i] for i in idx])
