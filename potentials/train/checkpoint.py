@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -19,6 +20,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """
     with atomic_open(path, "wb", fsync=True) as fh:
         torch.save(obj, fh)
+
+
+class DataConfigCallback(pl.Callback):
+    """Store the run's data config in every checkpoint (``checkpoint["data_config"]``), so evaluation can
+    default to the data settings the model was trained with (energy reference, MPtrj energy, filters)."""
+
+    def __init__(self, data_cfg: dict[str, Any]):
+        self.data_cfg = dict(data_cfg)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["data_config"] = dict(self.data_cfg)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -22,7 +22,7 @@ from potentials.calculator import load_checkpoint, model_from_checkpoint
 from potentials.data.demo import ensure_demo_data
 from potentials.errors import PotentialsError
 from potentials.io import atomic_open, atomic_write_text
-from potentials.train.checkpoint import AtomicCheckpointIO
+from potentials.train.checkpoint import AtomicCheckpointIO, DataConfigCallback
 from potentials.train.cluster import (
     PreemptionCallback,
     RNGStateCallback,
@@ -180,6 +180,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         ),
         LearningRateMonitor(logging_interval="epoch"),
         RNGStateCallback(),
+        DataConfigCallback(_container(cfg.data)),
     ]
     if ck.get("every_n_train_steps"):
         callbacks.append(ModelCheckpoint(
