@@ -170,6 +170,13 @@ class GraphDataset(torch.utils.data.Dataset):
         return {"source_file": file if sep else src, "source_index": index, "label": "", "system": file if sep else src,
                 "fixed": None, "tags": None}
 
+    def statistics(self, e0s_cfg="fit", atomic_numbers: Sequence[int] | None = None) -> dict:
+        """Training statistics (:class:`~potentials.data.stats.StatsAccumulator`, the same code as cached
+        datasets): ``atomic_numbers``, ``e0s``, ``avg_num_neighbors``, ``scale``, ``shift``."""
+        from potentials.data.stats import graph_statistics
+
+        return graph_statistics(self, e0s_cfg, atomic_numbers)
+
     def subset(self, indices: Sequence[int]) -> "GraphDataset":
         idx = [int(i) for i in indices]
         return GraphDataset([self.graphs[i] for i in idx], [self.sources[i] for i in idx])

@@ -32,13 +32,9 @@ import re
 import numpy as np
 from typing import Any
 
-from potentials.data.cache import (
-    CachedGraphDataset,
-    build_cache,
-    cache_size,
-    fingerprint_files,
-    open_or_build,
-)
+from potentials.data.cache_build import build_cache, open_or_build
+from potentials.data.cache_layout import cache_size, fingerprint_files
+from potentials.data.cache_read import CachedGraphDataset
 from potentials.data.dataset import GraphDataset, split_by_system, split_indices
 from potentials.data.formats.base import check_options, choice, outlier_mask, outlier_options, require_root
 from potentials.errors import PotentialsError
