@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from potentials.io import atomic_path, atomic_write_text  # noqa: E402
+from potentials.io import atomic_write_text  # noqa: E402
 
 PEER_VENV = REPO / "peer-venv"
 PEER_PYTHON = PEER_VENV / "bin" / "python"
