@@ -43,10 +43,22 @@ def open_env(path: Path):
     import lmdb
 
     try:
-        return lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
-                         max_readers=256)
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+                        max_readers=256)
     except lmdb.Error as exc:
         raise PotentialsError(f"cannot open LMDB {str(path)!r} (truncated or corrupt?): {exc}") from None
+    # LMDB memory-maps the file and trusts its page table: reading a page past the end of a truncated file
+    # kills the process (SIGBUS). Its meta page records the last page, so a short file is caught here.
+    try:
+        needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+        size = Path(path).stat().st_size
+    except (lmdb.Error, OSError, KeyError) as exc:
+        env.close()
+        raise PotentialsError(f"cannot read LMDB {str(path)!r} (truncated or corrupt?): {exc}") from None
+    if size < needed:
+        env.close()
+        raise PotentialsError(f"LMDB {str(path)!r} is truncated: {size} bytes, its page table needs {needed}")
+    return env
 
 
 class PygStandIn:
