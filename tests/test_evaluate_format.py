@@ -84,3 +84,32 @@ def test_bad_data_override_is_one_line_error(tmp_path):
         evaluate.format_options("oc20", None, ["nonsense=1"])
     opts, origin = evaluate.format_options("mptrj", {"format": "oc20", "energy_reference": "txt"}, ["energy=corrected"])
     assert opts == {"energy": "corrected"} and "trained on format 'oc20'" in origin
+
+
+def _synthetic_oc20(d, n_files=3, n_frames=6):
+    """Small OC20-like relaxations (random<sid>.traj, EMT slabs); frame 2 of the first has a 500 eV/Å force."""
+    from ase.io import Trajectory
+
+    from tests.test_datasets import slab_frames
+
+    d.mkdir(parents=True, exist_ok=True)
+    for s in range(n_files):
+        with Trajectory(str(d / f"random{100 + s}.traj"), "w") as traj:
+            for k, a in enumerate(slab_frames(n=n_frames, seed=10 * s)):
+                if s == 0 and k == 2:
+                    a.calc.results["forces"] = a.calc.results["forces"].copy()
+                    a.calc.results["forces"][3] = [500.0, 0.0, 0.0]
+                traj.write(a)
+    return d
+
+
+def test_synthetic_oc20_filter_follows_checkpoint(tmp_path, capsys):
+    root = _synthetic_oc20(tmp_path / "oc20")
+    trained_unfiltered = _checkpoint(tmp_path / "a.ckpt", {"format": "oc20", "max_force": None,
+                                                           "max_energy_deviation": None})
+    r = _run(tmp_path, trained_unfiltered, root, "oc20")
+    assert r["n_structures"] == 18 and r["dropped"]["filtered"] == 0
+    trained_filtered = _checkpoint(tmp_path / "b.ckpt", {"format": "oc20", "max_force": 100.0})
+    r = _run(tmp_path, trained_filtered, root, "oc20")
+    assert r["n_structures"] == 17 and r["dropped"]["filtered"] == 1
+    assert "outlier filter dropped 1 of 18 test frames (max |F| > 100 eV/Å: 1" in capsys.readouterr().out

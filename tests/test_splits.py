@@ -56,3 +56,19 @@ def test_real_validation_split_has_no_shared_system(fmt, folder, tmp_path, caplo
     assert train_f.split_report["systems_on_both_sides"] == len(shared) > 0
     with pytest.raises(PotentialsError, match="val_split"):
         load_splits(fmt, val_split="random", **opts)
+
+
+def test_synthetic_oc20_split_keeps_trajectories_whole(tmp_path):
+    from potentials.data.formats import load_splits
+    from tests.test_evaluate_format import _synthetic_oc20
+
+    root = _synthetic_oc20(tmp_path / "oc20", n_files=5, n_frames=4)
+    opts = dict(cutoff=3.0, seed=1, val_fraction=0.2, root=str(root), cache_dir=str(tmp_path / "c"), max_force=None)
+    train, val = load_splits("oc20", **opts)
+    files_t = {s.split(", frame")[0] for s in train.sources}
+    files_v = {s.split(", frame")[0] for s in val.sources}
+    assert files_v and files_t and not files_t & files_v and len(files_t | files_v) == 5
+    assert train.split_report == {"val_split": "system", "train_systems": len(files_t), "val_systems": len(files_v),
+                                  "train_frames": len(train), "val_frames": len(val)}
+    train_f, val_f = load_splits("oc20", val_split="frame", **opts)
+    assert {s.split(", frame")[0] for s in train_f.sources} & {s.split(", frame")[0] for s in val_f.sources}
