@@ -59,7 +59,8 @@ def export(argv: list[str]) -> dict[str, int]:
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides)
     except HydraException as exc:
-        raise PotentialsError(f"bad override: {exc}") from None
+        detail = " ".join(str(exc).split("Config search path")[0].split())  # Hydra's message spans lines
+        raise PotentialsError(f"bad override: {detail}") from None
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     dm = build_datamodule(data_cfg, float(cfg.model.r_max), int(cfg.seed))
     dm.load()

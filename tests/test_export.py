@@ -117,6 +117,7 @@ def test_export_bad_arguments_are_one_line_errors(tmp_path):
         export_data.export(["data=demo"])
     with pytest.raises(PotentialsError, match="split must be"):
         export_data.export([f"out={tmp_path / 'x.extxyz'}", "split=test"])
-    with pytest.raises(PotentialsError, match="bad override"):
+    with pytest.raises(PotentialsError, match="bad override") as exc:
         export_data.export([f"out={tmp_path / 'x.extxyz'}", "data=nosuchdata"])
+    assert "\n" not in str(exc.value) and "oc20" in str(exc.value)  # one line, listing the choices
     assert list(tmp_path.iterdir()) == []
