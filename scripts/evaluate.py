@@ -216,6 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tp", help="evaluate with another tensor-product engine (same weights)")
     args = p.parse_args(argv)
+    # ``--data K=V ... file.xyz``: arguments without "=" after --data are structure files
+    args.files += [a for a in args.data if "=" not in a]
+    args.data = [a for a in args.data if "=" in a]
 
     import numpy as np
 
