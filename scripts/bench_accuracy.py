@@ -43,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
+from potentials.io import atomic_path  # noqa: E402
 
 EXPERIMENT = "3bpa_mace_cpu_budget"
 EXPERIMENT_FILE = bc.REPO / "configs" / "experiment" / f"{EXPERIMENT}.yaml"
@@ -158,9 +159,9 @@ def write_split(data: Path, work: Path, n_train: int, n_val: int, seed: int) -> 
     work.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, idx in (("train", order[:n_train]), ("valid", order[n_train:n_train + n_val])):
-        path, tmp = work / f"{name}.xyz", work / f".{name}.xyz.{os.getpid()}.tmp"
-        ase.io.write(str(tmp), [frames[i] for i in idx], format="extxyz")
-        os.replace(tmp, path)
+        path = work / f"{name}.xyz"
+        with atomic_path(path) as tmp:
+            ase.io.write(str(tmp), [frames[i] for i in idx], format="extxyz")
         files[name] = str(path)
     return {"source": str(data), "n_train": n_train, "n_val": n_val, "seed": seed, "e0s": {z: e0s[z] for z in zs},
             "files": files, "split_indices": {"valid": sorted(int(i) for i in order[n_train:n_train + n_val])}}

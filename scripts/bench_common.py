@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from potentials.io import atomic_write_text  # noqa: E402
+
 PEER_VENV = REPO / "peer-venv"
 PEER_PYTHON = PEER_VENV / "bin" / "python"
 PEER_SCRIPT = REPO / "scripts" / "peer_mace.py"
@@ -586,9 +588,7 @@ def write_report(payload: dict[str, Any], json_path: str | os.PathLike | None, m
     path.parent.mkdir(parents=True, exist_ok=True)
     md_path = path.with_suffix(".md")
     for target, text in ((path, json.dumps(payload, indent=1, default=_json_default)), (md_path, markdown)):
-        tmp = target.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, target)
+        atomic_write_text(target, text + "\n")
     print(f"wrote {path}, {md_path}" + "".join(f" and {a}" for a in also))
     return {"json": str(path), "markdown": str(md_path)}
 

@@ -3,10 +3,16 @@
 
     python scripts/evaluate.py CKPT FILE [FILE ...] [--json OUT.json] [--plot OUT.png] [--report OUT_DIR]
     python scripts/evaluate.py CKPT --format 3bpa --root PATH/dataset_3BPA [--test-sets 300K,600K,dih]
-    python scripts/evaluate.py CKPT --format oc20|mptrj --root PATH
+    python scripts/evaluate.py CKPT --format oc20|mptrj --root PATH [--data energy_reference=txt ...]
 
 Prints per-file (or per test set: 3BPA 300K/600K/1200K/dihedral scans, one row each) RMSE/MAE of energy per
 atom (meV/atom), forces (meV/Å) and stress (meV/Å³, where present).
+
+With ``--format``, the data settings (OC20 energy reference, MPtrj corrected/uncorrected energy, outlier
+filter, ...) default to the ones the checkpoint was trained with (stored in the checkpoint, else the run's
+``.hydra/config.yaml``; else the format's defaults, which it says), and ``--data KEY=VALUE`` overrides them
+(e.g. ``--data max_force=null max_energy_deviation=null`` evaluates every frame). Every test frame the
+conversion skips or the outlier filter drops is counted and explained on stdout and in the JSON.
 
 --report OUT_DIR writes OUT_DIR/report.md: the metrics table, parity plots (parity.png: energy, forces,
 stress), a force-error histogram (force_errors.png) and per-element force errors (all files together).
@@ -16,12 +22,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from potentials.errors import PotentialsError, cli_errors  # noqa: E402
+from potentials.io import atomic_path, atomic_write_text  # noqa: E402
 
 
 COLS = [("energy", "E meV/at"), ("forces", "F meV/Å"), ("stress", "S meV/Å³")]
@@ -29,15 +35,8 @@ COLS = [("energy", "E meV/at"), ("forces", "F meV/Å"), ("stress", "S meV/Å³")
 
 def _atomic(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
     return path
 
 
@@ -103,6 +102,12 @@ def write_report(out_dir, results: dict, merged: dict, numbers: dict, checkpoint
     for f, r in results.items():
         cells = " | ".join(f"{_cell(r.get(k + '_rmse'))} | {_cell(r.get(k + '_mae'))}" for k, _ in COLS)
         lines.append(f"| {os.path.basename(f)} | {r['n_structures']} | {cells} |")
+    for f, r in results.items():
+        d = r.get("dropped") or {}
+        if d.get("skipped_at_conversion") or d.get("filtered"):
+            why = ", ".join(f"{k}: {v}" for k, v in d.get("filter_reasons", {}).items())
+            lines.append(f"\n{os.path.basename(f)}: not evaluated: {d['skipped_at_conversion']} frame(s) skipped at "
+                         f"conversion, {d['filtered']} dropped by the outlier filter" + (f" ({why})" if why else ""))
     if merged:
         parity_plot(merged, out / "parity.png", title=title)
         lines += ["", "## Parity plots (all files)", "", "![parity plots](parity.png)"]
@@ -118,6 +123,78 @@ def write_report(out_dir, results: dict, merged: dict, numbers: dict, checkpoint
     return _atomic(out / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+#: Dataset options that change the evaluated frames or targets, taken from the checkpoint's data config.
+COMMON_DATA_KEYS = ("on_bad_frame", "require_edges")
+NOT_FOR_TEST = ("train_set", "test_sets", "chunk_size")
+
+
+def checkpoint_data_config(path) -> tuple[dict | None, str]:
+    """The data config a checkpoint was trained with and where it came from: ``checkpoint["data_config"]``
+    (written by training), else ``<run dir>/.hydra/config.yaml`` next to ``checkpoints/``, else ``(None, ...)``."""
+    from potentials.calculator import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt.get("data_config"), dict):
+        return dict(ckpt["data_config"]), "the checkpoint"
+    hydra_cfg = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if hydra_cfg.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=True).get("data")
+        except Exception as exc:  # noqa: BLE001 - a broken run config: say so, fall back to defaults
+            raise PotentialsError(f"{hydra_cfg}: cannot read the run config ({exc})") from None
+        if isinstance(data, dict):
+            return data, str(hydra_cfg)
+    return None, "nowhere (checkpoint without data config)"
+
+
+def format_options(fmt: str, trained: dict | None, overrides: list[str]) -> tuple[dict, str]:
+    """Dataset options for evaluating ``fmt``: the trained data config's (when it used the same format),
+    updated with ``overrides`` (``KEY=VALUE``, values parsed as YAML). Returns (options, where they came from)."""
+    import yaml
+
+    from potentials.data.formats import get_format
+
+    mod = get_format(fmt)
+    allowed = (set(mod.DEFAULTS) - set(NOT_FOR_TEST)) | set(COMMON_DATA_KEYS)
+    options: dict = {}
+    if trained and str(trained.get("format", "ase")).lower() == fmt:
+        options = {k: v for k, v in trained.items() if k in allowed}
+        origin = "the training run"
+    elif trained:
+        origin = f"the {fmt} defaults (the checkpoint was trained on format {trained.get('format', 'ase')!r})"
+    else:
+        origin = f"the {fmt} defaults (the checkpoint records no data settings)"
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("data.")
+        if not sep or key not in allowed:
+            raise PotentialsError(f"--data {item!r}: expected KEY=VALUE with KEY one of {sorted(allowed)}")
+        try:
+            options[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            options[key] = text
+        origin += f", {key} overridden"
+    return options, origin
+
+
+def describe_drops(name: str, ds) -> dict:
+    """Print (and return) every frame the conversion skipped or the outlier filter dropped, and why."""
+    out = {"skipped_at_conversion": int(ds.meta.get("skipped", 0)), "filtered": 0, "filter_reasons": {}}
+    if out["skipped_at_conversion"]:
+        first = (ds.meta.get("skipped_first") or ["?"])[0]
+        print(f"{name}: {out['skipped_at_conversion']} test frame(s) skipped at conversion (on_bad_frame=skip); "
+              f"first: {first}")
+    rep = getattr(ds, "filter_report", None)
+    if rep is not None and rep.dropped:
+        out["filtered"], out["filter_reasons"] = int(rep.dropped), {k: int(v) for k, v in rep.reasons.items()}
+        reasons = ", ".join(f"{k}: {v}" for k, v in rep.reasons.items())
+        print(f"{name}: outlier filter dropped {rep.dropped} of {rep.total} test frames ({reasons}); evaluate them "
+              "too with --data max_force=null max_energy_deviation=null energy_per_atom_range=null")
+    return out
+
+
 @cli_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,14 +207,19 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the metrics as JSON here")
     p.add_argument("--plot", help="write a parity plot (all files together) here")
     p.add_argument("--report", metavar="OUT_DIR", help="write OUT_DIR/report.md with tables and plots")
-    p.add_argument("--energy-key", default="energy")
-    p.add_argument("--forces-key", default="forces")
-    p.add_argument("--stress-key", default="stress")
+    p.add_argument("--data", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="--format: override a data setting of the checkpoint's training run (e.g. energy=corrected)")
+    p.add_argument("--energy-key", help="key of the energy in the files (default energy)")
+    p.add_argument("--forces-key", help="key of the forces (default forces)")
+    p.add_argument("--stress-key", help="key of the stress (default stress)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tp", help="evaluate with another tensor-product engine (same weights)")
     p.add_argument("--compile", action="store_true", help="evaluate through the traced + compiled graph")
     args = p.parse_args(argv)
+    # ``--data K=V ... file.xyz``: arguments without "=" after --data are structure files
+    args.files += [a for a in args.data if "=" not in a]
+    args.data = [a for a in args.data if "=" in a]
 
     import numpy as np
 
@@ -150,6 +232,7 @@ def main(argv=None) -> int:
     overrides = {"tp": args.tp} if args.tp else {}
     model = model_from_checkpoint(args.checkpoint, device=args.device, **overrides)
     sets = [(f, None) for f in args.files]
+    drops: dict = {}
     if args.format:
         from potentials.data.formats import load_dataset
 
@@ -164,17 +247,25 @@ def main(argv=None) -> int:
             splits = [f"test_{n.strip().removeprefix('test_')}" for n in names]
         else:
             splits = ["test"]
+        fmt = args.format.strip().lower()
+        key_args = [f"{k}={v}" for k, v in (("energy_key", args.energy_key), ("forces_key", args.forces_key),
+                                              ("stress_key", args.stress_key)) if v is not None]
+        trained, found = checkpoint_data_config(args.checkpoint)
+        options, origin = format_options(fmt, trained, key_args + list(args.data))
+        print(f"{fmt} data settings from {origin} (training data config from {found}): "
+              + (", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "format defaults"))
         for split in splits:
             sets.append((split, lambda split=split: load_dataset(
-                args.format, root=args.root, split=split, cutoff=model.r_max, cache_dir=args.cache_dir,
-                energy_key=args.energy_key, forces_key=args.forces_key,
-                stress_key=None if args.format.lower() == "3bpa" else args.stress_key,
+                fmt, root=args.root, split=split, cutoff=model.r_max, cache_dir=args.cache_dir, **options,
             )))
     results, all_preds, all_numbers = {}, {}, []
     for f, load in sets:
         ds = load() if load is not None else GraphDataset.from_files(
-            [f], model.r_max, energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key,
+            [f], model.r_max, energy_key=args.energy_key or "energy", forces_key=args.forces_key or "forces",
+            stress_key=args.stress_key or "stress",
         )
+        if load is not None:
+            drops[f] = describe_drops(f, ds)
         preds, numbers = predict(
             model, [ds[i] for i in range(len(ds))], batch_size=args.batch_size, device=args.device, return_numbers=True,
             compile=args.compile,
@@ -182,6 +273,9 @@ def main(argv=None) -> int:
         if "forces" in numbers:
             all_numbers.append(numbers["forces"])
         results[f] = {"n_structures": len(ds), **error_table(preds)}
+        if f in drops:
+            results[f]["dropped"] = drops[f]
+            results[f]["data_options"] = options
         for k, (r, q) in preds.items():
             all_preds.setdefault(k, []).append((r, q))
 
@@ -194,7 +288,7 @@ def main(argv=None) -> int:
             cells.append(f"{r.get(key + '_rmse', float('nan')):>16.3f} {r.get(key + '_mae', float('nan')):>15.3f}")
         print(f"{os.path.basename(f)[:40]:<40} {r['n_structures']:>6} " + " ".join(cells))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
     merged = {k: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for k, v in all_preds.items()}
     if args.plot:
         parity_plot(merged, args.plot, title=os.path.basename(args.checkpoint))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real dataset samples: ../shared/data next to the checkout (override with POTENTIALS_SHARED_DATA).
+SHARED_DATA = Path(os.environ.get("POTENTIALS_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 # Small enough for CI, large enough to exercise every block (L=1 hidden, ell=2 edges, correlation 3).
 TINY_MODEL = dict(

@@ -164,7 +164,7 @@ def test_bench_precision_smoke(tmp_path):
 def test_bench_accuracy_smoke(tmp_path):
     out = tmp_path / "accuracy.json"
     cmd = [sys.executable, str(SCRIPTS / "bench_accuracy.py"), "--smoke", "--json", str(out),
-           "--work-dir", str(tmp_path / "work")]
+           "--work-dir", str(tmp_path / "work"), "--data", str(SHARED_DATA / "3BPA" / "train_300K.xyz")]
     if not PEER:
         cmd.append("--no-peer")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO))

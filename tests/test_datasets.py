@@ -613,14 +613,16 @@ def test_cache_reused_and_invalidated_on_file_cutoff_and_version_change(tmp_path
     import ase.io
 
     import potentials.data.cache as cache
+    import potentials.data.cache_build as cache_build
+    import potentials.data.cache_layout as cache_layout
 
     d = tmp_path / "dataset_3BPA"
     d.mkdir()
     ase.io.write(d / "train_300K.xyz", ase.io.read(demo_file, ":8"), format="extxyz")
     cdir = tmp_path / "cache"
     builds = []
-    real = cache.write_cache
-    monkeypatch.setattr(cache, "write_cache", lambda *a, **k: builds.append(1) or real(*a, **k))
+    real = cache_build.write_cache
+    monkeypatch.setattr(cache_build, "write_cache", lambda *a, **k: builds.append(1) or real(*a, **k))
     kw = dict(root=str(tmp_path), cache_dir=cdir, iso_atoms=None)
     first = load("3bpa", **kw)
     again = load("3bpa", **kw)
@@ -638,11 +640,11 @@ def test_cache_reused_and_invalidated_on_file_cutoff_and_version_change(tmp_path
     assert other_cut.path != changed.path and len(builds) == 3
     assert other_cut[0]["edge_index"].shape[1] < changed[0]["edge_index"].shape[1]
     # code version change: the old cache is not opened
-    monkeypatch.setattr(cache, "FORMAT_VERSION", cache.FORMAT_VERSION + 1)
+    monkeypatch.setattr(cache_layout, "FORMAT_VERSION", cache_layout.FORMAT_VERSION + 1)
     bumped = load("3bpa", **kw)
     assert bumped.path != changed.path and len(builds) == 4
     assert not cache.is_valid_cache(changed.path)  # written by "another version"
-    monkeypatch.setattr(cache, "FORMAT_VERSION", cache.FORMAT_VERSION - 1)
+    monkeypatch.setattr(cache_layout, "FORMAT_VERSION", cache_layout.FORMAT_VERSION - 1)
     # a damaged cache (a field file cut short) is rebuilt, never read
     expected = float(changed[0]["energy"])
     (changed.path / "positions.bin").write_bytes(b"\0" * 8)

@@ -63,6 +63,7 @@ def test_training_writes_artifacts_and_resumes(trained_run):
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * step1  # continued, not restarted at 0
     assert "current_model_state" in ckpt and "averaging_state" in ckpt  # EMA saved
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert ckpt["data_config"]["name"] == "files" and ckpt["data_config"]["val_fraction"] == 0.2  # evaluate.py defaults
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
     for key in ("val_energy_rmse", "val_forces_rmse", "val_stress_rmse", "train_loss"):
         assert key in header

@@ -161,6 +161,22 @@ class GraphDataset(torch.utils.data.Dataset):
     def __iter__(self):
         return iter(self.graphs)
 
+    def frame_info(self, idx: int) -> dict:
+        """Provenance and per-atom extras of graph ``idx``: ``source_file``, ``source_index`` (frame in that
+        file, -1 if unknown), ``label``, ``system``, ``fixed`` ([n] bool or None), ``tags`` ([n] int or None)."""
+        src = self.sources[idx]
+        file, sep, rest = src.rpartition(", frame ")
+        index = int(rest) if sep and rest.isdigit() else -1
+        return {"source_file": file if sep else src, "source_index": index, "label": "", "system": file if sep else src,
+                "fixed": None, "tags": None}
+
+    def statistics(self, e0s_cfg="fit", atomic_numbers: Sequence[int] | None = None) -> dict:
+        """Training statistics (:class:`~potentials.data.stats.StatsAccumulator`, the same code as cached
+        datasets): ``atomic_numbers``, ``e0s``, ``avg_num_neighbors``, ``scale``, ``shift``."""
+        from potentials.data.stats import graph_statistics
+
+        return graph_statistics(self, e0s_cfg, atomic_numbers)
+
     def subset(self, indices: Sequence[int]) -> "GraphDataset":
         idx = [int(i) for i in indices]
         return GraphDataset([self.graphs[i] for i in idx], [self.sources[i] for i in idx])
@@ -198,13 +214,10 @@ class GraphDataset(torch.utils.data.Dataset):
         return cls(graphs, sources)
 
 
-def split_dataset(dataset: GraphDataset, val_fraction: float, seed: int) -> tuple[GraphDataset, GraphDataset]:
-    """Deterministic random split (``torch.Generator`` seeded with ``seed``) into (train, val).
-
-    ``val`` gets ``round(val_fraction * n)`` structures (at least 1 if ``val_fraction > 0`` and n ≥ 2).
-    A split leaving either part empty raises :class:`PotentialsError`.
-    """
-    n = len(dataset)
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Sorted (train, val) indices of a deterministic random frame split (``torch.Generator`` seeded with
+    ``seed``): ``val`` gets ``round(val_fraction * n)`` items (at least 1 if ``val_fraction > 0`` and n ≥ 2).
+    A split leaving either part empty raises :class:`PotentialsError`."""
     if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0.0 <= val_fraction < 1.0):
         raise PotentialsError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     n_val = int(round(val_fraction * n))
@@ -218,6 +231,54 @@ def split_dataset(dataset: GraphDataset, val_fraction: float, seed: int) -> tupl
         )
     gen = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(n, generator=gen).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def split_dataset(dataset: GraphDataset, val_fraction: float, seed: int) -> tuple[GraphDataset, GraphDataset]:
+    """Deterministic random frame split into (train, val); see :func:`split_indices`."""
+    n = len(dataset)
+    train_idx, val_idx = split_indices(n, val_fraction, seed)
     if not isinstance(dataset, GraphDataset):
         dataset = GraphDataset([dataset[i] for i in range(n)])
-    return dataset.subset(sorted(perm[n_val:])), dataset.subset(sorted(perm[:n_val]))
+    return dataset.subset(train_idx), dataset.subset(val_idx)
+
+
+def split_by_system(dataset: GraphDataset, systems: Sequence[int] | np.ndarray, val_fraction: float,
+                    seed: int) -> tuple[GraphDataset, GraphDataset, dict]:
+    """Deterministic split (seeded like :func:`split_dataset`) that keeps every system on one side.
+
+    ``systems[k]`` is graph ``k``'s system id (one relaxation trajectory, one mp-id, ...). Whole systems, in a
+    seeded random order, go to validation until it holds at least ``round(val_fraction * n)`` frames (at
+    least one system). Returns (train, val, report) with ``report`` = ``{"train_systems", "val_systems",
+    "train_frames", "val_frames"}``. Fewer than two systems, or a split leaving a side empty, raises.
+    """
+    n = len(dataset)
+    if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0.0 < val_fraction < 1.0):
+        raise PotentialsError(f"val_fraction must be in (0, 1) for a split by system, got {val_fraction!r}")
+    systems = np.asarray(systems).reshape(-1)
+    if systems.shape[0] != n:
+        raise ValueError("systems and dataset differ in length")
+    unique = np.unique(systems)
+    if unique.size < 2:
+        raise PotentialsError(
+            f"cannot split {n} frames by system: they all belong to {unique.size} system(s); use "
+            "val_split=frame (frames of one system then land on both sides) or give a separate validation set"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    order = unique[torch.randperm(unique.size, generator=gen).numpy()]
+    counts = dict(zip(*np.unique(systems, return_counts=True)))
+    target = max(int(round(val_fraction * n)), 1)
+    chosen, n_val = [], 0
+    for s in order:
+        if n_val >= target:
+            break
+        chosen.append(s)
+        n_val += int(counts[s])
+    if len(chosen) == unique.size:
+        chosen.pop()  # keep at least one system for training
+        n_val = sum(int(counts[s]) for s in chosen)
+    is_val = np.isin(systems, np.asarray(chosen))
+    train, val = dataset.subset(np.flatnonzero(~is_val)), dataset.subset(np.flatnonzero(is_val))
+    report = {"train_systems": int(unique.size - len(chosen)), "val_systems": len(chosen),
+              "train_frames": len(train), "val_frames": len(val)}
+    return train, val, report

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from potentials.errors import PotentialsError
+from potentials.io import atomic_path
 
 TEMPERATURES_K = (300.0, 800.0, 1500.0)
 ISO_STRAINS = (-0.03, 0.0, 0.03)
@@ -103,8 +104,8 @@ def generate_demo_frames(n_structures: int = 300, seed: int = 0) -> list:
 def ensure_demo_data(path: str | os.PathLike, n_structures: int = 300, seed: int = 0) -> Path:
     """Return ``path`` (an .extxyz); generate it first if it does not exist.
 
-    The file is written to ``path.with_suffix('.tmp-<pid>')`` and atomically renamed, so an interrupted run
-    never leaves a half-written dataset.
+    The file is written atomically (:mod:`potentials.io`), so an interrupted run never leaves a half-written
+    dataset.
     """
     import ase.io
 
@@ -113,11 +114,6 @@ def ensure_demo_data(path: str | os.PathLike, n_structures: int = 300, seed: int
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = generate_demo_frames(n_structures, seed)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         ase.io.write(str(tmp), frames, format="extxyz")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -27,6 +27,17 @@ def neighbor_list(
     return np.stack([i, j]).astype(np.int64), np.asarray(s, dtype=np.int64)
 
 
+MAX_Z = 118
+
+
+def _finite(value, name: str, where: str) -> np.ndarray:
+    """``value`` as float64, or a clear error naming ``where`` if any entry is NaN/inf."""
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise PotentialsError(f"{where}: {name} contains NaN or inf")
+    return arr
+
+
 def check_cell(cell: np.ndarray, pbc: np.ndarray, where: str) -> None:
     """Raise a clear error for a singular cell along periodic directions."""
     pbc = np.asarray(pbc, dtype=bool)
@@ -56,10 +67,14 @@ def atoms_to_graph(
     n = len(atoms)
     if n == 0:
         raise PotentialsError(f"{where}: structure has no atoms")
+    numbers = np.asarray(atoms.numbers)
+    bad = numbers[(numbers < 1) | (numbers > MAX_Z)]
+    if bad.size:
+        raise PotentialsError(f"{where}: unknown element (atomic number {int(bad[0])})")
     pbc = np.asarray(atoms.pbc, dtype=bool)
-    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    cell = _finite(atoms.cell.array, "cell", where)
     check_cell(cell, pbc, where)
-    pos = np.asarray(atoms.positions, dtype=np.float64)
+    pos = _finite(atoms.positions, "positions", where)
     edge_index, shifts = neighbor_list(pos, cell, pbc, cutoff)
     if require_edges and edge_index.shape[1] == 0:
         raise PotentialsError(
@@ -77,14 +92,14 @@ def atoms_to_graph(
     )
     w = {"energy": 1.0, "forces": 1.0, "stress": 1.0, **(weights or {})}
     if energy is not None:
-        g["energy"] = torch.tensor([float(energy)], dtype=torch.float64)
+        g["energy"] = torch.tensor([float(_finite(energy, "energy", where))], dtype=torch.float64)
     if forces is not None:
         f = np.asarray(forces, dtype=np.float64)
         if f.shape != (n, 3):
             raise PotentialsError(f"{where}: forces have shape {f.shape}, expected ({n}, 3)")
-        g["forces"] = torch.from_numpy(f.copy())
+        g["forces"] = torch.from_numpy(_finite(f, "forces", where).copy())
     if stress is not None:
-        g["stress"] = torch.from_numpy(voigt_to_matrix(stress, where)).unsqueeze(0)
+        g["stress"] = torch.from_numpy(_finite(voigt_to_matrix(stress, where), "stress", where)).unsqueeze(0)
     elif energy is not None:
         g["stress"] = torch.zeros(1, 3, 3, dtype=torch.float64)
         w["stress"] = 0.0

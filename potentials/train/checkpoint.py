@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from potentials.io import atomic_open
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -17,19 +18,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     A crash at any moment leaves either the old file or the new one, never a truncated file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb", fsync=True) as fh:
+        torch.save(obj, fh)
+
+
+class DataConfigCallback(pl.Callback):
+    """Store the run's data config in every checkpoint (``checkpoint["data_config"]``), so evaluation can
+    default to the data settings the model was trained with (energy reference, MPtrj energy, filters)."""
+
+    def __init__(self, data_cfg: dict[str, Any]):
+        self.data_cfg = dict(data_cfg)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["data_config"] = dict(self.data_cfg)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from potentials.data.graph import AtomicGraph, collate
+from potentials.io import atomic_path
 from potentials.models import energy_forces_stress
 from potentials.models.compiled import CompiledPotential
 from potentials.nn.ops import fused_inference
@@ -96,14 +96,9 @@ def parity_plot(preds: dict, path: str | os.PathLike, title: str = "") -> Path:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

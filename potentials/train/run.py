@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from potentials.calculator import load_checkpoint, model_from_checkpoint
 from potentials.data.demo import ensure_demo_data
 from potentials.errors import PotentialsError
-from potentials.train.checkpoint import AtomicCheckpointIO
+from potentials.io import atomic_open, atomic_write_text
+from potentials.train.checkpoint import AtomicCheckpointIO, DataConfigCallback
 from potentials.train.cluster import (
     PreemptionCallback,
     RNGStateCallback,
@@ -87,12 +88,11 @@ def merge_metrics(run_dir: Path) -> Path | None:
                 keys.extend(k for k in row if k not in keys)
     if not rows:
         return None
-    out, tmp = run_dir / "metrics.csv", run_dir / f".metrics.csv.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as fh:
+    out = run_dir / "metrics.csv"
+    with atomic_open(out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out)
     return out
 
 
@@ -132,10 +132,7 @@ def run_meta(run_dir: Path, run_name: str) -> dict[str, Any]:
     if job and job not in meta["slurm_job_ids"]:
         meta["slurm_job_ids"].append(job)
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".run_meta.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(meta, indent=2))
     return meta
 
 
@@ -183,6 +180,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         ),
         LearningRateMonitor(logging_interval="epoch"),
         RNGStateCallback(),
+        DataConfigCallback(_container(cfg.data)),
     ]
     if ck.get("every_n_train_steps"):
         callbacks.append(ModelCheckpoint(

@@ -28,16 +28,14 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+
+import numpy as np
 from typing import Any
 
-from potentials.data.cache import (
-    CachedGraphDataset,
-    build_cache,
-    cache_size,
-    fingerprint_files,
-    open_or_build,
-)
-from potentials.data.dataset import GraphDataset, split_dataset
+from potentials.data.cache_build import build_cache, open_or_build
+from potentials.data.cache_layout import cache_size, fingerprint_files
+from potentials.data.cache_read import CachedGraphDataset
+from potentials.data.dataset import GraphDataset, split_by_system, split_indices
 from potentials.data.formats.base import check_options, choice, outlier_mask, outlier_options, require_root
 from potentials.errors import PotentialsError
 
@@ -136,15 +134,47 @@ def load_dataset(format: str, **options) -> GraphDataset:
     return ds
 
 
+#: How the validation set is carved out of the training data when no ``val_root`` is given: ``system`` keeps
+#: every system (OC20 relaxation trajectory, MPtrj mp-id) on one side; ``frame`` picks random frames.
+VAL_SPLIT_DEFAULTS = {"3bpa": "frame", "oc20": "system", "mptrj": "system"}
+
+
 def load_splits(format: str, *, cutoff: float, seed: int = 0, val_fraction: float = 0.1, val_root=None,
-                **options) -> tuple[GraphDataset, GraphDataset]:
+                val_split: str | None = None, **options) -> tuple[GraphDataset, GraphDataset]:
     """(train, validation) for training: ``val_root`` loaded as its own dataset if given, else a seeded
-    ``val_fraction`` split of the training data (3BPA: 450/50 of the 500 training frames by default)."""
+    ``val_fraction`` split of the training data: by whole systems (``val_split="system"``, the default for
+    OC20 and MPtrj, so no trajectory or mp-id is on both sides) or by frames (``"frame"``, the default for
+    3BPA: 450/50 of the 500 training frames). Logs how many systems and frames each side has; the datasets
+    get ``split_report``."""
+    fmt = str(format).strip().lower()
+    mode = choice(fmt, "val_split", val_split or VAL_SPLIT_DEFAULTS.get(fmt, "frame"), ("system", "frame"))
     train = load_dataset(format, cutoff=cutoff, split=options.pop("split", "train"), **options)
     if val_root:
         opts = dict(options, root=val_root)
-        return train, load_dataset(format, cutoff=cutoff, split="val", **opts)
-    return split_dataset(train, val_fraction, seed)
+        val = load_dataset(format, cutoff=cutoff, split="val", **opts)
+        report = {"val_split": "val_root", "train_frames": len(train), "val_frames": len(val),
+                  "train_systems": _num_systems(train), "val_systems": _num_systems(val)}
+    elif mode == "system":
+        train, val, report = split_by_system(train, train.frame_arrays(["system_id"])["system_id"], val_fraction, seed)
+        report["val_split"] = "system"
+    else:
+        sid = train.frame_arrays(["system_id"])["system_id"]
+        train_idx, val_idx = split_indices(len(train), val_fraction, seed)
+        train, val = train.subset(train_idx), train.subset(val_idx)
+        shared = np.intersect1d(sid[train_idx], sid[val_idx]).size
+        report = {"val_split": "frame", "train_frames": len(train), "val_frames": len(val),
+                  "train_systems": int(np.unique(sid[train_idx]).size), "val_systems": int(np.unique(sid[val_idx]).size),
+                  "systems_on_both_sides": int(shared)}
+    log.info("%s: validation split by %s: train %d frames of %d systems, validation %d frames of %d systems%s",
+             fmt, report["val_split"], report["train_frames"], report["train_systems"], report["val_frames"],
+             report["val_systems"], f" ({report['systems_on_both_sides']} systems on both sides)"
+             if report.get("systems_on_both_sides") else "")
+    train.split_report = val.split_report = report
+    return train, val
+
+
+def _num_systems(ds) -> int:
+    return int(np.unique(ds.frame_arrays(["system_id"])["system_id"]).size)
 
 
 __all__ = ["available_formats", "get_format", "load_dataset", "load_splits"]

@@ -120,7 +120,8 @@ def stream_json(path: str) -> Iterator[tuple[str, str, dict]]:
         raise
     except (ijson.JSONError, ijson.IncompleteJSONError, OSError, EOFError, ValueError) as exc:
         after = f" after mp_id {last!r}" if last else ""
-        raise PotentialsError(f"{path}: truncated or corrupt JSON{after} ({type(exc).__name__}: {exc})") from None
+        detail = " ".join(str(exc).split())  # the parser's message spans lines; errors are one line
+        raise PotentialsError(f"{path}: truncated or corrupt JSON{after} ({type(exc).__name__}: {detail})") from None
 
 
 def json_units(path: str, chunk: int) -> Iterator[tuple]:

@@ -34,12 +34,10 @@ relaxations (e.g. frame 1 of random1000120 and random1000194 in ``../shared/data
 
 from __future__ import annotations
 
-import io
 import lzma
 import math
 import pickle
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,6 +52,19 @@ from potentials.data.formats.base import (
     frame_from_atoms,
     iter_ase,
     natural_key,
+)
+from potentials.data.formats.lmdb_readers import (
+    aselmdb_ids,
+    decode_aselmdb,
+    decode_pyg,
+    fixed_from_constraints,
+    iter_lmdb_records,
+    lmdb_length,
+    open_text,
+    pbc3,
+    scalar,
+    sniff_lmdb,
+    to_numpy,
 )
 from potentials.errors import PotentialsError
 
@@ -90,27 +101,6 @@ class Source:
 # ------------------------------------------------------------------------------------------- discovery
 
 
-def _open_text(path: Path):
-    if str(path).endswith(".xz"):
-        return lzma.open(path, "rt")
-    return open(path, "r")
-
-
-def _sniff_lmdb(path: Path) -> str:
-    """``lmdb`` (pickles) or ``aselmdb`` (zlib JSON), from the first stored value."""
-    env = _open_env(path)
-    try:
-        with env.begin() as txn:
-            for key, value in txn.cursor():
-                if key in (b"length", b"nextid", b"metadata", b"deleted_ids"):
-                    continue
-                return "aselmdb" if value[:1] == b"\x78" else "lmdb"
-            raw = txn.get(b"nextid")
-            return "aselmdb" if raw is not None and raw[:1] == b"\x78" else "lmdb"
-    finally:
-        env.close()
-
-
 def classify(p: Path) -> Source | None:
     name = p.name
     for ext in (".extxyz.xz", ".extxyz"):
@@ -123,7 +113,7 @@ def classify(p: Path) -> Source | None:
     if name.endswith(".aselmdb"):
         return Source("aselmdb", p)
     if name.endswith(".lmdb"):
-        return Source(_sniff_lmdb(p), p)
+        return Source(sniff_lmdb(p), p)
     if p.suffix in ASE_SUFFIXES:
         return Source("ase", p)
     return None
@@ -213,7 +203,7 @@ def apply_reference(energy, stored: str, sid: str | None, txt_ref: float | None,
 
 def read_txt(path: Path) -> list[tuple[str, int | None, float]]:
     rows = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         try:
             for lineno, line in enumerate(fh, start=1):
                 line = line.strip()
@@ -252,7 +242,7 @@ def convert_s2ef(unit, options) -> Iterator:
     _, path, txt = unit
     rows = read_txt(Path(txt))
     n = 0
-    fh = _open_text(Path(path))
+    fh = open_text(Path(path))
     try:
         for i, atoms in iter_ase(path, fileobj=fh, fmt="extxyz"):
             n = i + 1
@@ -285,110 +275,13 @@ def convert_ase(unit, options) -> Iterator:
 # ------------------------------------------------------------------------------------------- legacy LMDB
 
 
-def _open_env(path: Path):
-    import lmdb
-
-    try:
-        return lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
-                         max_readers=256)
-    except lmdb.Error as exc:
-        raise PotentialsError(f"cannot open LMDB {str(path)!r} (truncated or corrupt?): {exc}") from None
-
-
-class PygStandIn:
-    """Stand-in for any ``torch_geometric`` class met while unpickling: keeps the pickled state."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
-            merged = dict(state[0] or {})
-            merged.update(state[1] or {})
-            state = merged
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self.__dict__["_state"] = state
-
-
-_STANDINS: dict[tuple[str, str], type] = {}
-_SAFE_MODULES = ("torch", "numpy", "collections", "copyreg", "_codecs", "enum")
-_SAFE_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "slice", "complex", "bytearray", "bytes", "int",
-                  "float", "str", "bool", "object", "range"}
-
-
-class PygUnpickler(pickle.Unpickler):
-    """Unpickles PyG ``Data`` without torch_geometric: its classes become :class:`PygStandIn` subclasses;
-    only torch/numpy/standard containers are otherwise allowed (no arbitrary code from a data file)."""
-
-    def find_class(self, module, name):
-        top = module.split(".")[0]
-        if top == "torch_geometric":
-            key = (module, name)
-            if key not in _STANDINS:
-                _STANDINS[key] = type(name, (PygStandIn,), {"__module__": "potentials.data.formats.oc20._pyg"})
-            return _STANDINS[key]
-        if top in _SAFE_MODULES or (module == "builtins" and name in _SAFE_BUILTINS):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
-
-
-def pyg_mapping(obj) -> dict:
-    """The attribute dict of an unpickled PyG ``Data`` (PyG 1: ``__dict__``; PyG 2: ``_store._mapping``)."""
-    d = getattr(obj, "__dict__", None)
-    if d is None:
-        if isinstance(obj, dict):
-            return obj
-        raise TypeError(f"unexpected pickled object of type {type(obj).__name__}")
-    store = d.get("_store")
-    if store is not None:
-        mapping = getattr(store, "__dict__", {}).get("_mapping")
-        if mapping is None and isinstance(store, dict):
-            mapping = store.get("_mapping")
-        if mapping is None:
-            raise TypeError("PyG 2 Data without a _store._mapping")
-        return dict(mapping)
-    return {k: v for k, v in d.items() if not (k.startswith("__") and k.endswith("__"))}
-
-
-def _np(value) -> np.ndarray | None:
-    if value is None:
-        return None
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _scalar(value):
-    if value is None:
-        return None
-    arr = _np(value)
-    return arr.reshape(-1)[0].item() if arr.size == 1 else arr
-
-
-def lmdb_length(path: Path) -> int:
-    env = _open_env(path)
-    try:
-        with env.begin() as txn:
-            raw = txn.get(b"length")
-            if raw is not None:
-                try:
-                    return int(pickle.loads(raw))
-                except Exception:
-                    raise PotentialsError(f"{path}: the 'length' entry is corrupt") from None
-            return int(env.stat()["entries"])
-    finally:
-        env.close()
-
-
 def frame_from_pyg(m: dict, path: str, key: int, options: dict) -> Frame:
     where = f"{path}, frame {key}"
     e_names = [options["energy_key"]] + (["y"] if options["energy_key"] == "energy" else [])
     f_names = [options["forces_key"]] + (["force"] if options["forces_key"] == "forces" else [])
     if "pos" not in m or "atomic_numbers" not in m:
         raise FrameError(f"{where}: not an OC20 graph (attributes: {sorted(m)})")
-    pos = _np(m["pos"]).astype(np.float64)
+    pos = to_numpy(m["pos"]).astype(np.float64)
     n = pos.shape[0]
     energy = next((m[k] for k in e_names if m.get(k) is not None), None)
     forces = next((m[k] for k in f_names if m.get(k) is not None), None)
@@ -396,117 +289,38 @@ def frame_from_pyg(m: dict, path: str, key: int, options: dict) -> Frame:
         raise FrameError(f"{where}: no energy ({' or '.join(e_names)}; attributes: {sorted(m)})")
     if forces is None:
         raise FrameError(f"{where}: no forces ({' or '.join(f_names)}; attributes: {sorted(m)})")
-    cell = _np(m.get("cell"))
+    cell = to_numpy(m.get("cell"))
     cell = np.zeros((3, 3)) if cell is None else cell.astype(np.float64).reshape(-1, 3, 3)[0]
-    pbc = _np(m.get("pbc"))
+    pbc = to_numpy(m.get("pbc"))
     pbc = np.ones(3, bool) if pbc is None else pbc.astype(bool).reshape(-1)[-3:]
-    fixed = _np(m.get("fixed"))
-    tags = _np(m.get("tags"))
-    sid = sid_name(_scalar(m.get("sid")))
-    fid = _scalar(m.get("fid"))
-    stress = _np(m.get(options["stress_key"])) if options["stress_key"] else None
-    natoms = _scalar(m.get("natoms"))
+    fixed = to_numpy(m.get("fixed"))
+    tags = to_numpy(m.get("tags"))
+    sid = sid_name(scalar(m.get("sid")))
+    fid = scalar(m.get("fid"))
+    stress = to_numpy(m.get(options["stress_key"])) if options["stress_key"] else None
+    natoms = scalar(m.get("natoms"))
     if natoms is not None and int(natoms) != n:
         raise FrameError(f"{where}: natoms={natoms} but pos has {n} rows")
     f = Frame(
-        positions=pos, numbers=_np(m["atomic_numbers"]), cell=cell, pbc=pbc, source=path, index=key,
-        forces=_np(forces), stress=stress,
+        positions=pos, numbers=to_numpy(m["atomic_numbers"]), cell=cell, pbc=pbc, source=path, index=key,
+        forces=to_numpy(forces), stress=stress,
         fixed=None if fixed is None else fixed.reshape(-1) != 0,
         tags=np.zeros(n, np.int64) if tags is None else tags.reshape(-1),
         label=f"{sid}/frame{fid}" if sid is not None else "", system=sid or path,
     )
-    f.energy = apply_reference(_scalar(energy), options["lmdb_energy"], sid, None, options, f.where)
+    f.energy = apply_reference(scalar(energy), options["lmdb_energy"], sid, None, options, f.where)
     return f
-
-
-def _convert_lmdb_records(path, ids, what: str, decode_failure: str, decode, to_frame, options) -> Iterator:
-    """Frames (or :class:`FrameError`) of the LMDB records with decimal-string keys ``ids``: each raw value is
-    ``decode``d, then turned into a frame by ``to_frame(record, path, id, options)``."""
-    env = _open_env(Path(path))
-    try:
-        with env.begin() as txn:
-            for key in ids:
-                raw = txn.get(str(key).encode("ascii"))
-                where = f"{path}, frame {key}"
-                if raw is None:
-                    yield FrameError(f"{where}: {what} {key} is missing (file truncated or corrupt?)")
-                    continue
-                try:
-                    record = decode(raw)
-                except Exception as exc:
-                    yield FrameError(f"{where}: {decode_failure} ({type(exc).__name__}: {exc})")
-                    continue
-                try:
-                    yield to_frame(record, path, key, options)
-                except FrameError as exc:
-                    yield exc
-                except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-                    yield FrameError(f"{where}: malformed record ({type(exc).__name__}: {exc})")
-    finally:
-        env.close()
 
 
 def convert_lmdb(unit, options) -> Iterator:
     """Legacy S2EF/IS2RE ``data.lmdb`` records: pickled PyG graphs, read without torch_geometric."""
     _, path, start, stop = unit
-    decode = lambda raw: pyg_mapping(PygUnpickler(io.BytesIO(raw)).load())  # noqa: E731
-    return _convert_lmdb_records(
-        path, range(start, stop), "key", "cannot unpickle the stored graph", decode, frame_from_pyg, options
+    return iter_lmdb_records(
+        path, range(start, stop), "key", "cannot unpickle the stored graph", decode_pyg, frame_from_pyg, options
     )
 
 
 # -------------------------------------------------------------------------------------------- ASE-LMDB
-
-
-def decode_aselmdb(raw: bytes):
-    """A zlib-compressed JSON value of an ASE-LMDB, either dialect (plain lists or ``__ndarray__``)."""
-    from ase.io.jsonio import decode
-
-    return decode(zlib.decompress(raw).decode("utf-8"), always_array=False)
-
-
-def aselmdb_ids(path: Path) -> tuple[int, list[int]]:
-    """(nextid, sorted deleted ids)."""
-    env = _open_env(path)
-    try:
-        with env.begin() as txn:
-            raw = txn.get(b"nextid")
-            try:
-                nextid = int(decode_aselmdb(raw)) if raw is not None else 1
-                raw = txn.get(b"deleted_ids")
-                deleted = sorted(int(i) for i in decode_aselmdb(raw)) if raw is not None else []
-            except Exception as exc:
-                raise PotentialsError(f"{path}: corrupt ASE-LMDB bookkeeping ({type(exc).__name__}: {exc})") from None
-            return nextid, deleted
-    finally:
-        env.close()
-
-
-def _fixed_from_constraints(constraints, n: int) -> np.ndarray | None:
-    if not constraints:
-        return None
-    mask = np.zeros(n, dtype=bool)
-    found = False
-    for c in constraints:
-        if isinstance(c, dict):
-            if c.get("name") != "FixAtoms":
-                continue
-            kw = c.get("kwargs", c)
-            idx = kw.get("indices", kw.get("index"))
-            if idx is None and kw.get("mask") is not None:
-                idx = np.flatnonzero(np.asarray(kw["mask"], dtype=bool))
-        elif type(c).__name__ == "FixAtoms":
-            idx = c.index
-        else:
-            continue
-        mask[np.asarray(idx, dtype=np.int64)] = True
-        found = True
-    return mask if found else None
-
-
-def _pbc3(value) -> np.ndarray:
-    pbc = np.asarray(value, dtype=bool).reshape(-1)
-    return np.repeat(pbc, 3) if pbc.size == 1 else pbc
 
 
 def frame_from_aselmdb(rec: dict, path: str, row_id: int, options: dict) -> Frame:
@@ -538,10 +352,10 @@ def frame_from_aselmdb(rec: dict, path: str, row_id: int, options: dict) -> Fram
     f = Frame(
         positions=np.asarray(rec["positions"], dtype=np.float64), numbers=numbers,
         cell=np.asarray(rec.get("cell", np.zeros((3, 3))), dtype=np.float64).reshape(3, 3),
-        pbc=_pbc3(rec.get("pbc", False)),
+        pbc=pbc3(rec.get("pbc", False)),
         source=path, index=row_id, forces=forces,
         stress=get(options["stress_key"]),
-        fixed=_fixed_from_constraints(rec.get("constraints"), n),
+        fixed=fixed_from_constraints(rec.get("constraints"), n),
         tags=np.zeros(n, np.int64) if tags is None else np.asarray(tags),
         label=f"{sid}/frame{fid}" if sid is not None and fid is not None else (sid or f"id={row_id}"),
         system=sid or path,
@@ -555,7 +369,7 @@ def convert_aselmdb(unit, options) -> Iterator:
     _, path, start, stop, deleted = unit
     deleted = set(deleted)
     ids = [i for i in range(start, stop) if i not in deleted]
-    return _convert_lmdb_records(path, ids, "row", "cannot decode the row", decode_aselmdb, frame_from_aselmdb, options)
+    return iter_lmdb_records(path, ids, "row", "cannot decode the row", decode_aselmdb, frame_from_aselmdb, options)
 
 
 # ------------------------------------------------------------------------------------------------- plan
