@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tp", help="evaluate with another tensor-product engine (same weights)")
+    p.add_argument("--uncertainty", choices=["llpr", "committee"], help="also report the calibration of this spread")
+    p.add_argument("--members", nargs="+", default=[], help="--uncertainty committee: the other members' checkpoints")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -148,6 +150,10 @@ def main(argv=None) -> int:
         raise PotentialsError("give structure files, or --format with --root")
     overrides = {"tp": args.tp} if args.tp else {}
     model = model_from_checkpoint(args.checkpoint, device=args.device, **overrides)
+    if args.uncertainty:
+        from potentials.uncertainty import report as unc
+
+        estimator, unc_sets = unc.make_estimator(args.checkpoint, args.uncertainty, args.members, args.device, **overrides), {}
     sets = [(f, None) for f in args.files]
     if args.format:
         from potentials.data.formats import load_dataset
@@ -180,6 +186,8 @@ def main(argv=None) -> int:
         if "forces" in numbers:
             all_numbers.append(numbers["forces"])
         results[f] = {"n_structures": len(ds), **error_table(preds)}
+        if args.uncertainty:
+            unc_sets[f] = unc.predict_with_uncertainty(estimator, [ds[i] for i in range(len(ds))], args.batch_size, args.device)
         for k, (r, q) in preds.items():
             all_preds.setdefault(k, []).append((r, q))
 
@@ -201,6 +209,9 @@ def main(argv=None) -> int:
         numbers = {"forces": np.concatenate(all_numbers)} if all_numbers else {}
         report = write_report(args.report, results, merged, numbers, args.checkpoint)
         print(f"report: {report}")
+    if args.uncertainty:
+        print("\n".join(unc.summary_lines(unc_sets)))
+        print(f"uncertainty report: {unc.write_uncertainty_report(unc_sets, args.report or 'uncertainty_report', args.uncertainty)}")
     return 0
 
 
