@@ -127,10 +127,17 @@ def test_committee_glob_and_errors(ckpts, tmp_path):
 # ---------------------------------------------------------------- LLPR
 
 
-def test_llpr_features_reconstruct_the_energy(tiny_model, periodic_atoms):
+@pytest.mark.parametrize("kind", ["mace", "facet"])
+def test_llpr_features_reconstruct_the_energy(kind, periodic_atoms):
     """Σ_i f_i·w + shift + E0 = model energy: the captured features are exactly the last linear layer's inputs."""
     from potentials.data.neighbors import atoms_to_graph
+    from potentials.models import build_model
     from potentials.uncertainty.llpr import atom_features, capture_features, readout_weights
+    from tests.test_facet import TINY_FACET
+
+    cfg = TINY_MODEL if kind == "mace" else TINY_FACET
+    torch.manual_seed(0)
+    tiny_model = build_model(cfg, TINY_STATS).eval()
 
     g = atoms_to_graph(periodic_atoms, tiny_model.r_max, where="test")
     g["batch"] = torch.zeros(len(periodic_atoms), dtype=torch.long)
@@ -139,7 +146,8 @@ def test_llpr_features_reconstruct_the_energy(tiny_model, periodic_atoms):
     f = atom_features(tiny_model, store, g)
     species = tiny_model.species(g["numbers"])
     const = (tiny_model.scale_shift.shift[species] + tiny_model.e0s[species]).sum()
-    assert f.shape == (len(periodic_atoms), TINY_MODEL["channels"] + TINY_MODEL["readout_hidden"])
+    d = (TINY_MODEL["channels"] if kind == "mace" else 0) + cfg["readout_hidden"]
+    assert f.shape == (len(periodic_atoms), d)
     assert float((f @ readout_weights(tiny_model)).sum() + const) == pytest.approx(float(energy[0]), abs=1e-10)
 
 
