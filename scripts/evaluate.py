@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             all_numbers.append(numbers["forces"])
         results[f] = {"n_structures": len(ds), **error_table(preds)}
         if args.uncertainty:
-            unc_sets[f] = unc.predict_with_uncertainty(estimator, [ds[i] for i in range(len(ds))], args.batch_size, args.device)
+            unc_sets[f] = unc.predict_with_uncertainty(estimator, [ds[i] for i in range(len(ds))], args.batch_size, args.device, f)
         for k, (r, q) in preds.items():
             all_preds.setdefault(k, []).append((r, q))
 

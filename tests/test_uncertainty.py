@@ -92,6 +92,12 @@ def test_committee_results_match_members(ckpts, periodic_atoms):
     np.testing.assert_allclose(r["forces_std"], np.sqrt(np.var(f, axis=0, ddof=1).sum(-1)), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(r["stress_std"], np.std(st, axis=0, ddof=1), rtol=1e-9, atol=1e-12)
     assert calc.get_property("forces_std", atoms).shape == (n,)
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    plain = periodic_atoms.copy()
+    plain.calc = PotentialCalculator.from_checkpoint(ckpts[0])
+    with pytest.raises(PropertyNotImplementedError, match="no uncertainty"):
+        plain.calc.get_property("forces_std", plain)
 
 
 def test_identical_committee_has_zero_spread(ckpts, periodic_atoms):
@@ -213,6 +219,8 @@ def test_spearman_hand_example():
 
     # ranks x = 1..5, ranks y = 1, 2, 3.5, 5, 3.5 → ρ = Σ dx·dy / √(Σdx² Σdy²) = 8 / √(10 · 9.5)
     assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95), abs=1e-12)
+    # signed values keep their order: reversed ranks give ρ = −1
+    assert spearman([-3, -1, 2], [3, 2, 1]) == pytest.approx(-1.0, abs=1e-12)
 
 
 def test_calibration_curve_zms_nll_hand_example():

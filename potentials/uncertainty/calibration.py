@@ -36,8 +36,11 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation of x and y (NaN when either is constant)."""
-    x, y = _check(np.abs(np.asarray(x, float)), y, "spearman")
+    """Spearman rank correlation of x and y [N] (NaN when either is constant)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape or x.size == 0 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise PotentialsError(f"spearman: need two finite arrays of equal, non-zero length (got {x.size} and {y.size})")
     rx, ry = _ranks(x), _ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     den = np.sqrt((rx**2).sum() * (ry**2).sum())

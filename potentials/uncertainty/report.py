@@ -33,15 +33,17 @@ def make_estimator(checkpoint, method: str, members=(), device="cpu", **override
     return load_estimator(checkpoint, model_from_checkpoint(checkpoint, device=device, **overrides), method, device)
 
 
-def predict_with_uncertainty(estimator, graphs, batch_size: int = 16, device="cpu") -> dict[str, np.ndarray]:
+def predict_with_uncertainty(estimator, graphs, batch_size: int = 16, device="cpu", where: str = "") -> dict[str, np.ndarray]:
     """Per structure: ``n_atoms``, ``energy_err``/``energy_std`` (eV); per atom: ``forces_err`` [N, 3],
-    ``forces_std`` [N], ``structure`` [N] (index of its structure). Structures without labels are skipped."""
+    ``forces_std`` [N], ``structure`` [N] (index of its structure). Every structure needs energy and forces labels
+    (``where`` names the data in the error)."""
     acc: dict[str, list] = {k: [] for k in ("n_atoms", "energy_err", "energy_std", "forces_err", "forces_std", "structure")}
     graphs, offset = list(graphs), 0
     for start in range(0, len(graphs), batch_size):
         g = collate(graphs[start:start + batch_size]).to(device)
         if "energy" not in g or "forces" not in g:
-            raise PotentialsError("uncertainty report: structures need energy and forces labels")
+            raise PotentialsError(f"uncertainty report{' (' + str(where) + ')' if where else ''}: structures "
+                                  f"{start}–{start + batch_size - 1} lack energy or forces labels")
         out = estimator.evaluate(g, stress=False)
         acc["n_atoms"].append(g["num_atoms"].cpu().numpy())
         acc["energy_err"].append((out["energy"].to(torch.float64) - g["energy"]).cpu().numpy())
