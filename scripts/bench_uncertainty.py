@@ -7,11 +7,15 @@
    MD. Training and validation at 300–600 K with ±1 % isotropic strain; test sets: in domain (same recipe, other
    seed), hot (1,200–1,500 K) and strained (±6 % isotropic, ≤5 % shear, 300–600 K).
 2. A committee of --members models trained in one command: ``scripts/train.py -m seed=0,1,...`` (Hydra multirun).
-3. LLPR fitted on member 0 (FᵀF on the training set, α on the validation set).
+3. LLPR fitted on member 0 (FᵀF on the training set, α on the validation set); force spread either local
+   ("llpr", no extra backward pass) or from the feature Jacobian ("llpr-jacobian", d extra backward passes).
 4. Per-structure force spread √(mean_i σ_i²/3) vs force RMSE: Spearman ρ (all test sets together and in-domain
    only), mean spread per test set, calibration (miscalibration area of force components, ZMS).
 5. Cost of one calculator call (energy + forces + stress, torch threads = --threads): plain model, LLPR, committee
    (one backward pass) and the members called one after the other; --warmup untimed and --repeat timed calls.
+
+Rerunning with the same --out-dir reuses the data and the trained committee (its training time is read from
+OUT_DIR/training.json); --retrain trains again.
 """
 
 from __future__ import annotations
@@ -102,6 +106,12 @@ def make_data(data_dir: Path) -> dict[str, Path]:
 
 def train_committee(args, paths) -> tuple[list[Path], dict]:
     sweep = args.out_dir / "multirun"
+    ckpts = [sweep / f"{s}-seed{s}" / "checkpoints" / "last.ckpt" for s in range(args.members)]
+    record = args.out_dir / "training.json"
+    if not args.retrain and record.exists() and all(c.exists() for c in ckpts):
+        info = json.loads(record.read_text())
+        if info.get("members") == args.members and info.get("epochs") == args.epochs:
+            return ckpts, {**info, "reused": True}
     seeds = ",".join(str(s) for s in range(args.members))
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", f"seed={seeds}", "run_name=bench_uncertainty",
            "data=files", f"data.train_files=[{paths['train']}]", f"data.val_files=[{paths['val']}]",
@@ -116,13 +126,16 @@ def train_committee(args, paths) -> tuple[list[Path], dict]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"training failed:\n{proc.stderr[-3000:]}")
-    ckpts = [sweep / f"{s}-seed{s}" / "checkpoints" / "last.ckpt" for s in range(args.members)]
     missing = [str(c) for c in ckpts if not c.exists()]
     if missing:
         sys.exit(f"training did not write {missing}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     shown = " ".join(c if " " not in c else repr(c) for c in cmd[1:]).replace(str(REPO) + "/", "")
-    return ckpts, {"command": "python " + shown, "wall_s": wall, "cpu_s": cpu}
+    info = {"command": "python " + shown, "wall_s": wall, "cpu_s": cpu, "members": args.members, "epochs": args.epochs}
+    tmp = record.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, record)
+    return ckpts, info
 
 
 def fit_llpr_for(ckpt: Path, paths) -> dict:
@@ -138,7 +151,7 @@ def fit_llpr_for(ckpt: Path, paths) -> dict:
     state = fit_llpr(model, list(train), list(val))
     state["checkpoint_sha256"] = file_sha256(ckpt)
     atomic_torch_save(state, llpr_path(ckpt))
-    return {k: state[k] for k in ("dim", "regularizer", "alpha_energy", "alpha_forces", "alpha_stress")} | {
+    return {k: state[k] for k in ("dim", "regularizer", "alpha_energy", "alpha_forces", "alpha_forces_jacobian", "alpha_stress")} | {
         "fit_s": time.perf_counter() - t0}
 
 
@@ -186,6 +199,7 @@ def timings(ckpts, args) -> list[dict]:
         atoms.rattle(0.05, seed=1)
         plain = PotentialCalculator.from_checkpoint(ckpts[0])
         llpr = PotentialCalculator.from_checkpoint(ckpts[0], uncertainty="llpr")
+        llpr_j = PotentialCalculator.from_checkpoint(ckpts[0], uncertainty="llpr-jacobian")
         comm = PotentialCalculator.from_checkpoints(ckpts)
         from potentials.data.neighbors import atoms_to_graph
         import torch
@@ -197,7 +211,7 @@ def timings(ckpts, args) -> list[dict]:
             return lambda: calc.calculate(atoms, ["energy", "forces", "stress"], all_changes)
 
         members = list(comm.estimator.members)
-        fns = {"plain": call(plain), "llpr": call(llpr), f"committee_{len(ckpts)}": call(comm),
+        fns = {"plain": call(plain), "llpr": call(llpr), "llpr-jacobian": call(llpr_j), f"committee_{len(ckpts)}": call(comm),
                f"members_one_by_one_{len(ckpts)}": lambda: members_sequential(members, g, stress=True)}
         # interleaved: every round times each variant once, so load changes on the shared machine hit all alike
         for fn in fns.values():
@@ -220,8 +234,9 @@ def plot(payload, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.2))
-    for ax, method in zip(axes, ("committee", "llpr")):
+    methods = list(payload["calibration"])
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.7 * len(methods), 4.2))
+    for ax, method in zip(axes, methods):
         for s, row in payload["calibration"][method]["sets"].items():
             ax.scatter(row["spread"], row["error"], s=10, alpha=0.7, label=s.replace("test_", ""))
         ax.set_xscale("log")
@@ -238,7 +253,7 @@ def plot(payload, png: Path) -> None:
 
 
 def to_markdown(p: dict, png: str | None) -> str:
-    c, ll = p["calibration"]["committee"], p["calibration"]["llpr"]
+    c, ll, lj = p["calibration"]["committee"], p["calibration"]["llpr"], p["calibration"]["llpr-jacobian"]
     n = p["members"]
     t = {(r["n_atoms"], r["variant"]): r for r in p["timings"]}
     sizes = sorted({r["n_atoms"] for r in p["timings"]})
@@ -249,11 +264,16 @@ def to_markdown(p: dict, png: str | None) -> str:
          c["all"]["spearman_forces_structure"], c["all"]["spearman_forces_structure"] >= 0.6),
         ("Spearman ρ per structure, LLPR (all test sets)", "≥ 0.4", ll["all"]["spearman_forces_structure"],
          ll["all"]["spearman_forces_structure"] >= 0.4),
+        ("Spearman ρ per structure, LLPR-Jacobian (all test sets)", "≥ 0.4", lj["all"]["spearman_forces_structure"],
+         lj["all"]["spearman_forces_structure"] >= 0.4),
         ("mean spread out of domain / in domain (min over hot, strained), committee", "> 1", c["ood_over_id_spread"],
          c["ood_over_id_spread"] > 1),
         ("same, LLPR", "> 1", ll["ood_over_id_spread"], ll["ood_over_id_spread"] > 1),
+        ("same, LLPR-Jacobian", "> 1", lj["ood_over_id_spread"], lj["ood_over_id_spread"] > 1),
         (f"LLPR call / plain call (median, {big} atoms)", "≤ 1.3", ratio_llpr, ratio_llpr <= 1.3),
         (f"LLPR call / plain call (minimum, {big} atoms)", "≤ 1.3", t[(big, "llpr")]["ratio_min"], t[(big, "llpr")]["ratio_min"] <= 1.3),
+        (f"LLPR-Jacobian call / plain call (minimum, {big} atoms)", "≤ 1.3", t[(big, "llpr-jacobian")]["ratio_min"],
+         t[(big, "llpr-jacobian")]["ratio_min"] <= 1.3),
         (f"committee of {n} / plain call (median, {big} atoms)", "≤ 2.5", ratio_comm, ratio_comm <= 2.5),
         (f"committee of {n} / plain call (minimum, {big} atoms)", "≤ 2.5", t[(big, f"committee_{n}")]["ratio_min"],
          t[(big, f"committee_{n}")]["ratio_min"] <= 2.5),
@@ -262,9 +282,11 @@ def to_markdown(p: dict, png: str | None) -> str:
         "# Uncertainty: calibration and cost", "", f"Command: `{p['command']}`", "",
         machine_markdown(p["machine"], None), "",
         f"Training ({n} members in one Hydra multirun, {p['training']['wall_s']:.0f} s wall, "
-        f"{p['training']['cpu_s']:.0f} CPU-s): `{p['training']['command']}`", "",
+        f"{p['training']['cpu_s']:.0f} CPU-s{'; trained by an earlier run of this script into the same --out-dir, reused' if p['training'].get('reused') else ''}): "
+        f"`{p['training']['command']}`", "",
         f"LLPR fit on member 0: d = {p['llpr']['dim']} readout features, ς² = {p['llpr']['regularizer']:.2g}, "
-        f"α_E = {p['llpr']['alpha_energy']:.3g}, α_F = {p['llpr']['alpha_forces']:.3g} (validation set), "
+        f"α_E = {p['llpr']['alpha_energy']:.3g}, α_F = {p['llpr']['alpha_forces']:.3g}, "
+        f"α_F Jacobian = {p['llpr']['alpha_forces_jacobian']:.3g} (validation set), "
         f"{p['llpr']['fit_s']:.1f} s.", "",
         "Data: ASE EMT Cu–Au (8/16-atom fcc cells); train/validation 300–600 K, ±1 % strain; test sets: in domain "
         "(same recipe, new seed), hot (1,200–1,500 K), strained (±6 % isotropic, ≤5 % shear). "
@@ -278,15 +300,16 @@ def to_markdown(p: dict, png: str | None) -> str:
             [(m, d["all"]["spearman_forces_structure"], d["all"]["spearman_forces_structure_simulated"],
               d["in_domain"]["spearman_forces_structure"], d["all"]["spearman_forces_atom"],
               d["all"]["spearman_energy_structure"], d["all"]["miscalibration_area_force_components"],
-              d["in_domain"]["zms_force_components"]) for m, d in (("committee", c), ("LLPR", ll))]),
+              d["in_domain"]["zms_force_components"]) for m, d in (("committee", c), ("LLPR", ll), ("LLPR-Jacobian", lj))]),
         "", markdown_table(
-            ["test set", "n", "F RMSE meV/Å (member 0 / committee mean)", "mean spread committee meV/Å",
-             "mean spread LLPR meV/Å", "ρ committee", "ρ LLPR"],
+            ["test set", "n", "F RMSE meV/Å (member 0 / committee mean)", "mean spread committee / LLPR / LLPR-J meV/Å",
+             "ρ committee", "ρ LLPR", "ρ LLPR-J"],
             [(s.replace("test_", ""), c["sets"][s]["n"], f"{ll['sets'][s]['force_rmse_meV']:.1f} / {c['sets'][s]['force_rmse_meV']:.1f}",
-              c["sets"][s]["mean_force_spread_meV"], ll["sets"][s]["mean_force_spread_meV"],
-              c["sets"][s]["spearman_structure"], ll["sets"][s]["spearman_structure"]) for s in TEST_SETS]),
+              " / ".join(fmt(x["sets"][s]["mean_force_spread_meV"]) for x in (c, ll, lj)),
+              c["sets"][s]["spearman_structure"], ll["sets"][s]["spearman_structure"], lj["sets"][s]["spearman_structure"])
+             for s in TEST_SETS]),
         "", "## Cost per calculator call (energy, forces, stress)", "",
-        f"{p['warmup']} warm-up and {p['repeat']} timed calls each (interleaved rounds: plain, LLPR, committee, one by one), "
+        f"{p['warmup']} warm-up and {p['repeat']} timed calls each (interleaved rounds: plain, LLPR, LLPR-Jacobian, committee, one by one), "
         f"torch threads = {p['threads']}; ratios to the plain call. The machine is shared (see load average), so minima are "
         "the steadier numbers.", "",
         markdown_table(["atoms", "variant", "median ms", "min ms", "ratio (median)", "ratio (min)"],
@@ -310,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 3], help="cubic fcc repeats for the timings (32, 108 atoms)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--retrain", action="store_true", help="train the committee again even if OUT_DIR has it")
     args = ap.parse_args(argv)
     if args.warmup < 3 or args.repeat < 5:
         sys.exit("timings need --warmup ≥ 3 and --repeat ≥ 5")
@@ -329,9 +353,10 @@ def main(argv=None) -> int:
     from potentials.uncertainty.llpr import load_estimator
 
     committee = Committee.from_checkpoints(ckpts)
-    llpr = load_estimator(ckpts[0], model_from_checkpoint(ckpts[0]))
-    payload["calibration"] = {"committee": calibration(committee, paths, committee.r_max),
-                              "llpr": calibration(llpr, paths, llpr.r_max)}
+    payload["calibration"] = {"committee": calibration(committee, paths, committee.r_max)}
+    for method in ("llpr", "llpr-jacobian"):
+        est = load_estimator(ckpts[0], model_from_checkpoint(ckpts[0]), method)
+        payload["calibration"][method] = calibration(est, paths, est.r_max)
     payload["timings"] = timings(ckpts, args)
     payload["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     png = None

@@ -10,6 +10,10 @@ atom (meV/atom), forces (meV/Å) and stress (meV/Å³, where present).
 
 --report OUT_DIR writes OUT_DIR/report.md: the metrics table, parity plots (parity.png: energy, forces,
 stress), a force-error histogram (force_errors.png) and per-element force errors (all files together).
+
+--uncertainty llpr|llpr-jacobian|committee [--members CKPT ...] adds the calibration of the predicted spread
+(potentials.uncertainty.report): Spearman ρ(σ, error) per structure and per atom, calibration curve, miscalibration
+area, written to OUT_DIR/uncertainty.md and calibration.png (OUT_DIR = --report, else ./uncertainty_report).
 """
 
 import argparse
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tp", help="evaluate with another tensor-product engine (same weights)")
-    p.add_argument("--uncertainty", choices=["llpr", "committee"], help="also report the calibration of this spread")
+    p.add_argument("--uncertainty", choices=["llpr", "llpr-jacobian", "committee"], help="also report the calibration of this spread")
     p.add_argument("--members", nargs="+", default=[], help="--uncertainty committee: the other members' checkpoints")
     args = p.parse_args(argv)
 

@@ -8,6 +8,7 @@ factors α_E, α_F, α_S are fitted on --val (use frames the model was not train
 set is used and the spread comes out too small). Then:
 
     PotentialCalculator.from_checkpoint(CKPT, uncertainty="llpr")   # results: energy_std, forces_std, stress_std
+    # uncertainty="llpr-jacobian": posterior force σ from the feature Jacobian (d extra backward passes per call)
 """
 
 import argparse
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
     out = llpr_path(args.checkpoint)
     atomic_torch_save(state, out)
     print(f"LLPR: d={state['dim']} features, ς²={state['regularizer']:.3g}, {state['n_train']} training structures; "
-          f"α_E={state['alpha_energy']:.4g} α_F={state['alpha_forces']:.4g} α_S={state['alpha_stress']:.4g} "
+          f"α_E={state['alpha_energy']:.4g} α_F={state['alpha_forces']:.4g} (Jacobian {state['alpha_forces_jacobian']:.4g}) "
+          f"α_S={state['alpha_stress']:.4g} "
           f"(calibrated on {state['calibrated_on']}, {state['n_calibration']} structures) in {time.perf_counter() - t0:.1f} s")
     print(f"wrote {out}")
     return 0

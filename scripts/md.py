@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--compressibility", type=float, default=0.01, help="npt: 1/GPa")
     p.add_argument("--interval", type=int, default=10, help="write a trajectory frame every N steps")
     p.add_argument("--committee", nargs="+", help="other committee members (CKPT is the first)")
-    p.add_argument("--uncertainty", choices=["llpr"], help="single-model uncertainty (fit with fit_uncertainty.py)")
+    p.add_argument("--uncertainty", choices=["llpr", "llpr-jacobian"],
+                   help="single-model uncertainty (fit with fit_uncertainty.py); llpr-jacobian costs d extra backward passes")
     p.add_argument("--guard", type=float, help="force-spread threshold (eV/Å, or relative with --guard-relative)")
     p.add_argument("--guard-relative", action="store_true", help="divide the spread by |F_i| + 0.2 eV/Å")
     p.add_argument("--guard-action", choices=["stop", "record"], default="stop")

@@ -5,7 +5,7 @@
 in this directory.)
 
     python scripts/select_frames.py CKPT FRAMES.traj [MORE ...] -k 20 --out to_label.extxyz
-        (--committee CKPT2 CKPT3 ... | --uncertainty llpr) [--score max|mean] [--pool 100]
+        (--committee CKPT2 CKPT3 ... | --uncertainty llpr|llpr-jacobian) [--score max|mean] [--pool 100]
 
 Each frame is scored by max_i (or mean) forces_std_i of the committee or single-model estimate; among the --pool
 (default 5K) best, frames are taken by farthest-point sampling in the model's per-element readout-feature space,
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("-k", type=int, required=True, help="number of frames to select")
     p.add_argument("--out", required=True, help="output extxyz")
     p.add_argument("--committee", nargs="+", help="other committee members (CKPT is the first)")
-    p.add_argument("--uncertainty", choices=["llpr"], help="single-model uncertainty instead of a committee")
+    p.add_argument("--uncertainty", choices=["llpr", "llpr-jacobian"], help="single-model uncertainty instead of a committee")
     p.add_argument("--score", choices=["max", "mean"], default="max", help="per-frame reduction of forces_std")
     p.add_argument("--pool", type=int, help="candidates kept by score before the diversity step (default 5K)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -173,6 +173,10 @@ def test_llpr_results_keys_and_calibration(llpr_ckpt, labelled, periodic_atoms):
     n = len(atoms)
     assert r["energy_std"] > 0 and r["forces_std"].shape == (n,) and np.all(r["forces_std"] > 0)
     assert r["stress_std"].shape == (6,)
+    jac = periodic_atoms.copy()
+    jac.calc = PotentialCalculator.from_checkpoint(llpr_ckpt, uncertainty="llpr-jacobian")
+    np.testing.assert_allclose(jac.get_forces(), ref.get_forces(), atol=1e-10)
+    assert jac.calc.results["forces_std"].shape == (n,) and jac.calc.results["energy_std"] == pytest.approx(r["energy_std"])
     # σ is invariant under rotation and permutes with the atoms
     rot = periodic_atoms.copy()
     rot.rotate(37, "z", rotate_cell=True)
@@ -191,6 +195,44 @@ def test_llpr_results_keys_and_calibration(llpr_ckpt, labelled, periodic_atoms):
         errs.append(a.get_potential_energy() - e_ref)
         sig.append(calc.results["energy_std"])
     assert zms(sig, errs) == pytest.approx(1.0, rel=1e-5)  # FᵀF is rank-deficient here (6 frames, d = 8): ς² ~ 1e-12
+
+
+def test_llpr_jacobian_force_sigma_matches_finite_differences(tiny_model, periodic_atoms):
+    """forces_std (jacobian) = √(Σ_α J_iαᵀ C J_iα) with J = ∂f_s/∂x taken here by central differences."""
+    from potentials.data.neighbors import atoms_to_graph
+    from potentials.uncertainty.llpr import LLPR, atom_features, capture_features
+
+    def graph_of(atoms):
+        g = atoms_to_graph(atoms, tiny_model.r_max, where="test")
+        g["batch"] = torch.zeros(len(atoms), dtype=torch.long)
+        return g
+
+    def fs(atoms):
+        g = graph_of(atoms)
+        with torch.no_grad(), capture_features(tiny_model) as store:
+            tiny_model(g)
+        return atom_features(tiny_model, store, g).sum(0).numpy()
+
+    d = TINY_MODEL["channels"] + TINY_MODEL["readout_hidden"]
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(d, d))
+    c = m @ m.T / d + 0.1 * np.eye(d)
+    est = LLPR(tiny_model, torch.tensor(c), alpha_forces=2.0, forces="jacobian")
+    out = est.evaluate(graph_of(periodic_atoms), stress=True)
+    h, n = 1e-5, len(periodic_atoms)
+    jac = np.zeros((d, n, 3))
+    for i in range(n):
+        for a in range(3):
+            plus, minus = periodic_atoms.copy(), periodic_atoms.copy()
+            plus.positions[i, a] += h
+            minus.positions[i, a] -= h
+            jac[:, i, a] = (fs(plus) - fs(minus)) / (2 * h)
+    expected = 2.0 * np.sqrt(np.einsum("kia,kl,lia->i", jac, c, jac))
+    np.testing.assert_allclose(out["forces_std"].numpy(), expected, rtol=1e-6)
+    plain = LLPR(tiny_model, torch.tensor(c)).evaluate(graph_of(periodic_atoms), stress=True)
+    np.testing.assert_allclose(out["forces"].numpy(), plain["forces"].numpy(), atol=1e-10)
+    np.testing.assert_allclose(out["stress"].numpy(), plain["stress"].numpy(), atol=1e-10)
+    assert float(out["energy_std"][0]) == pytest.approx(float(plain["energy_std"][0]), rel=1e-12)
 
 
 def test_llpr_needs_a_fit_for_this_checkpoint(ckpts, tmp_path):

@@ -90,11 +90,13 @@ def summarize(members: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _members_one_pass(members, graph: AtomicGraph, stress: bool) -> dict[str, torch.Tensor]:
+def _members_one_pass(members, graph: AtomicGraph, stress: bool, retain_graph: bool = False, leaves=None) -> dict[str, torch.Tensor]:
+    """Per-member energy/forces/stress with one backward pass; ``leaves`` (optional) are the members' position
+    leaves (the caller keeps them to differentiate more, with ``retain_graph``)."""
     positions, cell = graph["positions"], graph["cell"]
     leaves_x, leaves_s, energies = [], [], []
-    for model in members:
-        x = positions.detach().requires_grad_(True)
+    for m, model in enumerate(members):
+        x = leaves[m] if leaves is not None else positions.detach().requires_grad_(True)
         leaves_x.append(x)
         if stress:
             eps = torch.zeros((cell.shape[0], 3, 3), dtype=x.dtype, device=x.device, requires_grad=True)
@@ -106,7 +108,7 @@ def _members_one_pass(members, graph: AtomicGraph, stress: bool) -> dict[str, to
             x_used, cell_used = x, cell
         energies.append(model(graph.replace(positions=x_used, cell=cell_used)))
     energy = torch.stack(energies)  # [M, B]
-    grads = torch.autograd.grad(energy.sum(), leaves_x + leaves_s, allow_unused=True)
+    grads = torch.autograd.grad(energy.sum(), leaves_x + leaves_s, allow_unused=True, retain_graph=retain_graph)
     forces = torch.stack([-g if g is not None else torch.zeros_like(positions) for g in grads[: len(members)]])
     out = {"energy": energy.detach(), "forces": forces}
     if stress:

@@ -10,10 +10,12 @@ per atom, as in the energy loss):
 and at inference
 
     energy_std  = α_E √(f_sᵀ C f_s)                       (eV; posterior σ of the total energy)
-    forces_std  = α_F √(f_iᵀ C f_i)  per atom             (eV/Å; local rigidity, "fast": no extra backward pass)
+    forces_std  = α_F √(f_iᵀ C f_i)  per atom             (eV/Å; method "llpr": local rigidity, no extra backward)
+    forces_std  = α_J √(Σ_α J_iαᵀ C J_iα), J_iα = ∂f_s/∂x_iα  (method "llpr-jacobian": the posterior force σ;
+                                                           d extra backward passes, for evaluation and selection)
     stress_std  = α_S √(f_sᵀ C f_s) / V  (all components) (eV/Å³; a proxy with its own calibration)
 
-α_E, α_F, α_S are fitted on held-out data: α² = mean(residual² / σ̃²) (NLL-optimal), with σ̃ the uncalibrated
+α_E, α_F, α_J, α_S are fitted on held-out data: α² = mean(residual² / σ̃²) (NLL-optimal), with σ̃ the uncalibrated
 value. The cost over a plain call is one d×d quadratic form per atom (features are captured by forward hooks,
 no change to the model). The fit is stored next to the checkpoint as ``CKPT.llpr.pt``.
 """
@@ -34,7 +36,7 @@ from potentials.nn.blocks import LinearReadout, NonLinearReadout
 from potentials.nn.ops import fused_inference, scatter_sum
 
 SUFFIX = ".llpr.pt"
-METHODS = ("llpr",)
+METHODS = ("llpr", "llpr-jacobian")
 
 
 def llpr_path(checkpoint: str | os.PathLike) -> Path:
@@ -90,11 +92,12 @@ def capture_features(model: torch.nn.Module):
             h.remove()
 
 
-def atom_features(model: torch.nn.Module, store: dict, graph: AtomicGraph) -> torch.Tensor:
-    """Captured features → f_i [n, d] (float64, detached), scaled by the per-element ``ScaleShift`` scale."""
+def atom_features(model: torch.nn.Module, store: dict, graph: AtomicGraph, detach: bool = True) -> torch.Tensor:
+    """Captured features → f_i [n, d] (float64), scaled by the per-element ``ScaleShift`` scale."""
     if not store:
         raise PotentialsError("LLPR: no readout features were captured (did the model run?)")
-    f = torch.cat([store[k] for k in sorted(store)], dim=-1).detach().to(torch.float64)
+    f = torch.cat([store[k] for k in sorted(store)], dim=-1).to(torch.float64)
+    f = f.detach() if detach else f
     species = model.species(graph["numbers"])
     return f * model.scale_shift.scale[species].to(torch.float64)[:, None]
 
@@ -114,20 +117,48 @@ def readout_weights(model: torch.nn.Module) -> torch.Tensor:
 class LLPR(torch.nn.Module):
     """Single-model uncertainty estimator: ``evaluate`` = the model's prediction + calibrated LLPR spreads."""
 
-    def __init__(self, model: torch.nn.Module, inverse: torch.Tensor, alpha_energy=1.0, alpha_forces=1.0, alpha_stress=1.0):
+    def __init__(self, model: torch.nn.Module, inverse: torch.Tensor, alpha_energy=1.0, alpha_forces=1.0, alpha_stress=1.0,
+                 forces: str = "local"):
         super().__init__()
+        if forces not in ("local", "jacobian"):
+            raise PotentialsError(f"LLPR forces must be 'local' or 'jacobian', got {forces!r}")
         self.model = model.eval()
         self.r_max = float(model.r_max)
         self.register_buffer("inverse", inverse.to(torch.float64))
         self.alpha_energy, self.alpha_forces, self.alpha_stress = float(alpha_energy), float(alpha_forces), float(alpha_stress)
+        self.forces = forces
 
     def evaluate(self, graph: AtomicGraph, stress: bool = False) -> dict[str, torch.Tensor]:
         """``energy`` [B], ``forces`` [n, 3], ``stress`` [B, 3, 3] of the model and ``energy_std`` [B],
         ``forces_std`` [n], ``stress_std`` [B, 3, 3] (calibrated); ``*_raw`` = uncalibrated σ̃."""
+        if self.forces == "jacobian":
+            return self._evaluate_jacobian(graph, stress)
         with capture_features(self.model) as store, fused_inference():
             out = energy_forces_stress(self.model, graph, forces=True, stress=stress)
         out = {k: v.detach() for k, v in out.items()}
         out.update(self.spreads(atom_features(self.model, store, graph), graph))
+        return out
+
+    def _evaluate_jacobian(self, graph: AtomicGraph, stress: bool) -> dict[str, torch.Tensor]:
+        """As :meth:`evaluate`, with forces_std from the feature Jacobian J = ∂f_s/∂x [d, n, 3] (d backward passes;
+        plain kernels, which allow repeated backward passes through one graph)."""
+        from potentials.uncertainty.committee import _members_one_pass
+
+        x = graph["positions"].detach().requires_grad_(True)
+        with capture_features(self.model) as store:
+            out = _members_one_pass([self.model], graph.replace(positions=x), stress, retain_graph=True, leaves=[x])
+        out = {k: v[0] for k, v in out.items()}
+        f = atom_features(self.model, store, graph, detach=False)
+        fs = scatter_sum(f, graph["batch"], int(graph["num_atoms"].shape[0])).sum(0)  # [d]: structures are independent
+        d = fs.shape[0]
+        jac = torch.stack([
+            torch.autograd.grad(fs[k], x, retain_graph=k < d - 1, allow_unused=True)[0] if fs[k].requires_grad
+            else torch.zeros_like(x) for k in range(d)
+        ]).to(torch.float64)  # [d, n, 3]
+        var = torch.einsum("kia,kl,lia->i", jac, self.inverse.to(jac.device), jac).clamp_min(0.0)
+        out.update(self.spreads(f.detach(), graph))
+        out["forces_std_raw"] = var.sqrt()
+        out["forces_std"] = self.alpha_forces * out["forces_std_raw"]
         return out
 
     def spreads(self, f: torch.Tensor, graph: AtomicGraph) -> dict[str, torch.Tensor]:
@@ -185,8 +216,9 @@ def fit_llpr(model: torch.nn.Module, train_graphs, val_graphs=None, batch_size: 
                 break
             reg *= 10.0
     inverse = torch.cholesky_inverse(chol)
-    est = LLPR(model, inverse)
-    alphas = calibrate(est, val_graphs if val_graphs is not None else train_graphs, batch_size, device)
+    calib = val_graphs if val_graphs is not None else train_graphs
+    alphas = calibrate(LLPR(model, inverse), calib, batch_size, device)
+    alphas["alpha_forces_jacobian"] = calibrate(LLPR(model, inverse, forces="jacobian"), calib, batch_size, device)["alpha_forces"]
     return {
         "method": "llpr", "inverse": inverse.cpu(), "regularizer": reg, "dim": d, "n_train": len(train_graphs),
         "n_calibration": len(val_graphs) if val_graphs is not None else len(train_graphs),
@@ -243,4 +275,9 @@ def load_estimator(checkpoint: str | os.PathLike, model: torch.nn.Module, method
     d = sum(len(idx) if idx is not None else layer.irreps_in.dim for layer, idx in last_linears(model))
     if state["inverse"].shape != (d, d):
         raise PotentialsError(f"{path}: covariance is {tuple(state['inverse'].shape)}, the model has {d} readout features")
+    if method == "llpr-jacobian":
+        if "alpha_forces_jacobian" not in state:
+            raise PotentialsError(f"{path}: fitted without the Jacobian calibration; refit with scripts/fit_uncertainty.py")
+        return LLPR(model, state["inverse"], state["alpha_energy"], state["alpha_forces_jacobian"], state["alpha_stress"],
+                    forces="jacobian").to(device)
     return LLPR(model, state["inverse"], state["alpha_energy"], state["alpha_forces"], state["alpha_stress"]).to(device)
