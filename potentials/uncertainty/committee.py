@@ -70,7 +70,7 @@ class Committee(torch.nn.Module):
     def member_predictions(self, graph: AtomicGraph, stress: bool = False) -> dict[str, torch.Tensor]:
         """Per-member ``energy`` [M, B], ``forces`` [M, n, 3], ``stress`` [M, B, 3, 3], in one backward pass."""
         with fused_inference():
-            return _members_one_pass(list(self.members), graph, stress)
+            return members_one_pass(list(self.members), graph, stress)
 
     def evaluate(self, graph: AtomicGraph, stress: bool = False) -> dict[str, torch.Tensor]:
         """Mean ``energy`` [B], ``forces`` [n, 3], ``stress`` [B, 3, 3]; spreads ``energy_std`` [B],
@@ -90,7 +90,7 @@ def summarize(members: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _members_one_pass(members, graph: AtomicGraph, stress: bool, retain_graph: bool = False, leaves=None) -> dict[str, torch.Tensor]:
+def members_one_pass(members, graph: AtomicGraph, stress: bool, retain_graph: bool = False, leaves=None) -> dict[str, torch.Tensor]:
     """Per-member energy/forces/stress with one backward pass; ``leaves`` (optional) are the members' position
     leaves (the caller keeps them to differentiate more, with ``retain_graph``)."""
     positions, cell = graph["positions"], graph["cell"]

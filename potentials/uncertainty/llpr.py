@@ -142,11 +142,11 @@ class LLPR(torch.nn.Module):
     def _evaluate_jacobian(self, graph: AtomicGraph, stress: bool) -> dict[str, torch.Tensor]:
         """As :meth:`evaluate`, with forces_std from the feature Jacobian J = ∂f_s/∂x [d, n, 3] (d backward passes;
         plain kernels, which allow repeated backward passes through one graph)."""
-        from potentials.uncertainty.committee import _members_one_pass
+        from potentials.uncertainty.committee import members_one_pass
 
         x = graph["positions"].detach().requires_grad_(True)
         with capture_features(self.model) as store:
-            out = _members_one_pass([self.model], graph.replace(positions=x), stress, retain_graph=True, leaves=[x])
+            out = members_one_pass([self.model], graph.replace(positions=x), stress, retain_graph=True, leaves=[x])
         out = {k: v[0] for k, v in out.items()}
         f = atom_features(self.model, store, graph, detach=False)
         fs = scatter_sum(f, graph["batch"], int(graph["num_atoms"].shape[0])).sum(0)  # [d]: structures are independent
