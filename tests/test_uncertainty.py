@@ -351,6 +351,18 @@ def test_md_resumes_from_its_trajectory(ckpts, tmp_path):
     assert md.main([*args, "--steps", "20"]) == 0 and len(read(out, ":")) == 5  # nothing left to do
 
 
+def test_md_npt_moves_the_cell(ckpts, tmp_path):
+    from ase.io import read
+
+    md = _script("md")
+    start, atoms = _md_start(tmp_path, 1.0)
+    out = tmp_path / "npt.traj"
+    assert md.main([str(ckpts[0]), str(start), "--out", str(out), "--steps", "4", "--interval", "2", "--ensemble", "npt",
+                    "--taup", "50", "--no-progress"]) == 0
+    frames = read(out, ":")
+    assert len(frames) == 3 and abs(frames[-1].get_volume() - atoms.get_volume()) > 1e-6
+
+
 # ---------------------------------------------------------------- selection
 
 
