@@ -186,7 +186,7 @@ def _batches(graphs, batch_size: int):
 
 def fit_llpr(model: torch.nn.Module, train_graphs, val_graphs=None, batch_size: int = 16, regularizer: float | None = None,
              device="cpu") -> dict:
-    """Fit C = (FᵀF + ς²I)⁻¹ on ``train_graphs`` and α_E, α_F, α_S on ``val_graphs`` (labelled; the training set
+    """Fit C = (FᵀF + ς²I)⁻¹ on ``train_graphs`` and α_E, α_F, α_J, α_S on ``val_graphs`` (labelled; the training set
     when None — then σ is under-estimated out of sample). ς² = ``regularizer`` or, if None, the smallest of
     1e-12·tr(A)/d × 10^k for which the Cholesky factorisation succeeds. Returns the state to save."""
     model = model.to(device).eval()
@@ -209,12 +209,17 @@ def fit_llpr(model: torch.nn.Module, train_graphs, val_graphs=None, batch_size: 
         if int(info) != 0:
             raise PotentialsError(f"LLPR: FᵀF + {reg:g}·I is not positive definite; raise --regularizer")
     else:
-        reg = 1e-12 * float(torch.trace(a)) / d or 1e-20
+        if not bool(torch.isfinite(a).all()):
+            raise PotentialsError("LLPR: the training-set features are not finite (NaN/inf in the model output?)")
+        scale = float(torch.trace(a)) / d or 1e-8
+        reg = 1e-12 * scale
         while True:
             chol, info = torch.linalg.cholesky_ex(a + reg * eye)
             if int(info) == 0:
                 break
             reg *= 10.0
+            if reg > 1e3 * scale:
+                raise PotentialsError("LLPR: FᵀF could not be factorised with any regulariser; give --regularizer")
     inverse = torch.cholesky_inverse(chol)
     calib = val_graphs if val_graphs is not None else train_graphs
     alphas = calibrate(LLPR(model, inverse), calib, batch_size, device)
