@@ -5,6 +5,10 @@
 
 Returns ``energy``/``free_energy`` (eV), ``forces`` (eV/Å) and, for periodic cells, ``stress``
 (eV/Å³, ASE sign, Voigt order xx yy zz yz xz xy).
+
+Uncertainty (:mod:`potentials.uncertainty`): ``PotentialCalculator.from_checkpoints([...])`` (committee mean and
+spread) or ``from_checkpoint(path, uncertainty="llpr")`` (one model) add ``energy_std`` (eV), ``forces_std`` [n]
+(eV/Å) and ``stress_std`` [6] (eV/Å³) to ``results``.
 """
 
 from __future__ import annotations
@@ -77,12 +81,13 @@ def model_from_checkpoint(path: str | os.PathLike, device="cpu", **overrides) ->
 class PotentialCalculator(Calculator):
     """ASE calculator wrapping a ``potentials`` model."""
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energy_std", "forces_std", "stress_std"]
 
-    def __init__(self, model: torch.nn.Module | None, device="cpu", compile: bool = False, **kwargs):
+    def __init__(self, model: torch.nn.Module | None, device="cpu", compile: bool = False, estimator=None, **kwargs):
         super().__init__(**kwargs)
         self.device = torch.device(device)
         self.compiled = self.exported = None
+        self.estimator = estimator  # potentials.uncertainty estimator (committee / LLPR), or None
         if model is None:  # from_exported sets self.exported
             return
         self.model = model.to(device).eval()
@@ -95,10 +100,26 @@ class PotentialCalculator(Calculator):
             self.compiled = CompiledPotential(self.model, backend="inductor", params_as_inputs=False)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device="cpu", compile: bool = False, **overrides) -> "PotentialCalculator":
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device="cpu", compile: bool = False, uncertainty: str | None = None, **overrides
+    ) -> "PotentialCalculator":
         """Load a checkpoint in one line; ``overrides`` as in :func:`model_from_checkpoint`; ``compile=True``
-        evaluates through the traced and compiled graph (:mod:`potentials.models.compiled`)."""
-        return cls(model_from_checkpoint(path, device=device, **overrides), device=device, compile=compile)
+        evaluates through the traced and compiled graph (:mod:`potentials.models.compiled`); ``uncertainty="llpr"``
+        adds the spread keys from the fit stored next to the checkpoint (``scripts/fit_uncertainty.py``)."""
+        model = model_from_checkpoint(path, device=device, **overrides)
+        if uncertainty is None:
+            return cls(model, device=device, compile=compile)
+        from potentials.uncertainty.llpr import load_estimator
+
+        return cls(model, device=device, estimator=load_estimator(path, model, uncertainty, device=device))
+
+    @classmethod
+    def from_checkpoints(cls, paths, device="cpu", **overrides) -> "PotentialCalculator":
+        """Committee of checkpoints (list or glob): mean energy/forces/stress plus their spread in ``results``."""
+        from potentials.uncertainty.committee import Committee
+
+        committee = Committee.from_checkpoints(paths, device=device, **overrides)
+        return cls(committee.members[0], device=device, estimator=committee)
 
     @classmethod
     def from_exported(cls, path: str | os.PathLike, device="cpu") -> "PotentialCalculator":
@@ -114,8 +135,10 @@ class PotentialCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         periodic = bool(np.any(self.atoms.pbc))
-        if "stress" in properties and not periodic:
+        if ("stress" in properties or "stress_std" in properties) and not periodic:
             raise PropertyNotImplementedError("stress is only defined for periodic cells (pbc has no True)")
+        if self.estimator is None and any(p.endswith("_std") for p in properties):
+            raise PropertyNotImplementedError("no uncertainty: use from_checkpoints([...]) or from_checkpoint(..., uncertainty='llpr')")
         if self.exported is not None:
             energy, forces, stress = self.exported(self.atoms)
             self._store(energy, forces, stress if periodic else None)
@@ -126,6 +149,11 @@ class PotentialCalculator(Calculator):
         graph = atoms_to_graph(self.atoms, self.r_max, where="calculator input", require_edges=False)
         graph["batch"] = torch.zeros(len(self.atoms), dtype=torch.long)
         graph = graph.to(self.device)
+        if self.estimator is not None:  # mean and spread (potentials.uncertainty)
+            from potentials.uncertainty import estimator_results
+
+            self.results.update(estimator_results(self.estimator, graph, periodic))
+            return
         if self.compiled is not None:
             with torch.no_grad():  # the compiled graph computes forces and stress itself
                 out = self.compiled(graph, forces=True, stress=periodic)

@@ -16,6 +16,10 @@ conversion skips or the outlier filter drops is counted and explained on stdout 
 
 --report OUT_DIR writes OUT_DIR/report.md: the metrics table, parity plots (parity.png: energy, forces,
 stress), a force-error histogram (force_errors.png) and per-element force errors (all files together).
+
+--uncertainty llpr|llpr-jacobian|committee [--members CKPT ...] adds the calibration of the predicted spread
+(potentials.uncertainty.report): Spearman ρ(σ, error) per structure and per atom, calibration curve, miscalibration
+area, written to OUT_DIR/uncertainty.md and calibration.png (OUT_DIR = --report, else ./uncertainty_report).
 """
 
 import argparse
@@ -216,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tp", help="evaluate with another tensor-product engine (same weights)")
     p.add_argument("--compile", action="store_true", help="evaluate through the traced + compiled graph")
+    p.add_argument("--uncertainty", choices=["llpr", "llpr-jacobian", "committee"], help="also report the calibration of this spread")
+    p.add_argument("--members", nargs="+", default=[], help="--uncertainty committee: the other members' checkpoints")
     args = p.parse_args(argv)
     # ``--data K=V ... file.xyz``: arguments without "=" after --data are structure files
     args.files += [a for a in args.data if "=" not in a]
@@ -231,6 +237,10 @@ def main(argv=None) -> int:
         raise PotentialsError("give structure files, or --format with --root")
     overrides = {"tp": args.tp} if args.tp else {}
     model = model_from_checkpoint(args.checkpoint, device=args.device, **overrides)
+    if args.uncertainty:
+        from potentials.uncertainty import report as unc
+
+        estimator, unc_sets = unc.make_estimator(args.checkpoint, args.uncertainty, args.members, args.device, **overrides), {}
     sets = [(f, None) for f in args.files]
     drops: dict = {}
     if args.format:
@@ -276,6 +286,8 @@ def main(argv=None) -> int:
         if f in drops:
             results[f]["dropped"] = drops[f]
             results[f]["data_options"] = options
+        if args.uncertainty:
+            unc_sets[f] = unc.predict_with_uncertainty(estimator, [ds[i] for i in range(len(ds))], args.batch_size, args.device, f)
         for k, (r, q) in preds.items():
             all_preds.setdefault(k, []).append((r, q))
 
@@ -297,6 +309,9 @@ def main(argv=None) -> int:
         numbers = {"forces": np.concatenate(all_numbers)} if all_numbers else {}
         report = write_report(args.report, results, merged, numbers, args.checkpoint)
         print(f"report: {report}")
+    if args.uncertainty:
+        print("\n".join(unc.summary_lines(unc_sets)))
+        print(f"uncertainty report: {unc.write_uncertainty_report(unc_sets, args.report or 'uncertainty_report', args.uncertainty)}")
     return 0
 
 

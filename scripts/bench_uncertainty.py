@@ -1,0 +1,374 @@
+#!/usr/bin/env python
+"""Benchmark the uncertainty estimates: calibration in and out of domain, and cost per calculator call.
+
+    python scripts/bench_uncertainty.py --json docs/benchmarks/uncertainty.json
+
+1. Data (ASE EMT, generated here, no download): Cu–Au fcc cells (8 and 16 atoms, random composition) from Langevin
+   MD. Training and validation at 300–600 K with ±1 % isotropic strain; test sets: in domain (same recipe, other
+   seed), hot (1,200–1,500 K) and strained (±6 % isotropic, ≤5 % shear, 300–600 K).
+2. A committee of --members models trained in one command: ``scripts/train.py -m seed=0,1,...`` (Hydra multirun).
+3. LLPR fitted on member 0 (FᵀF on the training set, α on the validation set); force spread either local
+   ("llpr", no extra backward pass) or from the feature Jacobian ("llpr-jacobian", d extra backward passes).
+4. Per-structure force spread √(mean_i σ_i²/3) vs force RMSE: Spearman ρ (all test sets together and in-domain
+   only), mean spread per test set, calibration (miscalibration area of force components, ZMS).
+5. Cost of one calculator call (energy + forces + stress, torch threads = --threads): plain model, LLPR, committee
+   (one backward pass) and the members called one after the other; --warmup untimed and --repeat timed calls.
+
+Rerunning with the same --out-dir reuses the data and the trained committee (its training time is read from
+OUT_DIR/training.json); --retrain trains again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from bench_common import (  # noqa: E402
+    REPO, command_line, fmt, machine_info, machine_markdown, markdown_table, time_calls, timing_stats, write_report,
+)
+
+LATTICE_A = {"Cu": 3.61, "Au": 4.08}
+SETS = {  # name: (temperatures K, isotropic strains, max shear, number of structures, seed)
+    "train": ((300.0, 450.0, 600.0), (-0.01, 0.0, 0.01), 0.01, 120, 11),
+    "val": ((300.0, 450.0, 600.0), (-0.01, 0.0, 0.01), 0.01, 30, 12),
+    "test_in_domain": ((300.0, 450.0, 600.0), (-0.01, 0.0, 0.01), 0.01, 40, 13),
+    "test_hot": ((1200.0, 1350.0, 1500.0), (-0.01, 0.0, 0.01), 0.01, 40, 14),
+    "test_strained": ((300.0, 450.0, 600.0), (-0.06, 0.06), 0.05, 40, 15),
+}
+TEST_SETS = ("test_in_domain", "test_hot", "test_strained")
+
+
+def emt_frames(temperatures, strains, max_shear, n_structures, seed, frames_per_run=5):
+    """Cu–Au EMT MD frames with energy/forces/stress (see the module docstring)."""
+    from ase import Atoms, units
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    rng = np.random.default_rng(seed)
+    frames, run = [], 0
+    while len(frames) < n_structures:
+        t = temperatures[run % len(temperatures)]
+        iso = strains[(run // len(temperatures)) % len(strains)]
+        x = float(rng.uniform(0.0, 1.0))
+        a = (1 - x) * LATTICE_A["Cu"] + x * LATTICE_A["Au"]
+        atoms = bulk("Cu", "fcc", a=a).repeat((2, 2, 2)) if run % 2 else bulk("Cu", "fcc", a=a, cubic=True).repeat((2, 2, 1))
+        sym = np.array(["Cu"] * len(atoms), dtype=object)
+        sym[rng.permutation(len(atoms))[: int(round(x * len(atoms)))]] = "Au"
+        atoms.set_chemical_symbols(sym.tolist())
+        f = np.eye(3) * (1 + iso)
+        i, j = rng.choice(3, 2, replace=False)
+        f[i, j] = f[j, i] = rng.uniform(-max_shear, max_shear)
+        atoms.set_cell(atoms.cell.array @ f.T, scale_atoms=True)
+        atoms.calc = EMT()
+        MaxwellBoltzmannDistribution(atoms, temperature_K=2 * t, rng=rng)
+        Stationary(atoms)
+        dyn = Langevin(atoms, 2.0 * units.fs, temperature_K=t, friction=0.02 / units.fs, fixcm=False, rng=rng)
+        dyn.run(20)
+        for k in range(min(frames_per_run, n_structures - len(frames))):
+            dyn.run(5)
+            fr = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=True)
+            fr.info.update(temperature_K=t, iso_strain=iso)
+            fr.calc = SinglePointCalculator(fr, energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                                            stress=atoms.get_stress())
+            frames.append(fr)
+        run += 1
+    return frames
+
+
+def make_data(data_dir: Path) -> dict[str, Path]:
+    import ase.io
+
+    paths = {}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, spec in SETS.items():
+        path = data_dir / f"{name}.extxyz"
+        if not path.exists():
+            tmp = path.with_suffix(f".tmp-{os.getpid()}.extxyz")
+            ase.io.write(tmp, emt_frames(*spec), format="extxyz")
+            os.replace(tmp, path)
+        paths[name] = path
+    return paths
+
+
+def train_committee(args, paths) -> tuple[list[Path], dict]:
+    sweep = args.out_dir / "multirun"
+    ckpts = [sweep / f"{s}-seed{s}" / "checkpoints" / "last.ckpt" for s in range(args.members)]
+    record = args.out_dir / "training.json"
+    if not args.retrain and record.exists() and all(c.exists() for c in ckpts):
+        info = json.loads(record.read_text())
+        if info.get("members") == args.members and info.get("epochs") == args.epochs:
+            return ckpts, {**info, "reused": True}
+    seeds = ",".join(str(s) for s in range(args.members))
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", f"seed={seeds}", "run_name=bench_uncertainty",
+           "data=files", f"data.train_files=[{paths['train']}]", f"data.val_files=[{paths['val']}]",
+           "data.batch_size=4", f"trainer.max_epochs={args.epochs}", "model.channels=8", "model.readout_hidden=8",
+           "model.radial_hidden=[16,16]", "model.r_max=4.5", "parity_plot=false", "checkpoint.every_n_train_steps=null",
+           f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"training failed:\n{proc.stderr[-3000:]}")
+    missing = [str(c) for c in ckpts if not c.exists()]
+    if missing:
+        sys.exit(f"training did not write {missing}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    shown = " ".join(c if " " not in c else repr(c) for c in cmd[1:]).replace(str(REPO) + "/", "")
+    info = {"command": "python " + shown, "wall_s": wall, "cpu_s": cpu, "members": args.members, "epochs": args.epochs}
+    tmp = record.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, record)
+    return ckpts, info
+
+
+def fit_llpr_for(ckpt: Path, paths) -> dict:
+    from potentials.calculator import model_from_checkpoint
+    from potentials.data.dataset import GraphDataset
+    from potentials.train.checkpoint import atomic_torch_save
+    from potentials.uncertainty.llpr import file_sha256, fit_llpr, llpr_path
+
+    t0 = time.perf_counter()
+    model = model_from_checkpoint(ckpt)
+    train = GraphDataset.from_files(paths["train"], model.r_max)
+    val = GraphDataset.from_files(paths["val"], model.r_max)
+    state = fit_llpr(model, list(train), list(val))
+    state["checkpoint_sha256"] = file_sha256(ckpt)
+    atomic_torch_save(state, llpr_path(ckpt))
+    return {k: state[k] for k in ("dim", "regularizer", "alpha_energy", "alpha_forces", "alpha_forces_jacobian", "alpha_stress")} | {
+        "fit_s": time.perf_counter() - t0}
+
+
+def calibration(estimator, paths, r_max) -> dict:
+    from potentials.data.dataset import GraphDataset
+    from potentials.uncertainty.calibration import spearman
+    from potentials.uncertainty.report import merge_predictions, per_structure_forces, predict_with_uncertainty, uncertainty_metrics
+
+    preds = {s: predict_with_uncertainty(estimator, list(GraphDataset.from_files(paths[s], r_max))) for s in TEST_SETS}
+    out = {"sets": {}}
+    for s, p in preds.items():
+        sig, err = per_structure_forces(p)
+        out["sets"][s] = {"n": len(sig), "mean_force_spread_meV": 1e3 * float(sig.mean()),
+                          "force_rmse_meV": 1e3 * float(np.sqrt(np.mean(err**2))), "spearman_structure": spearman(sig, err),
+                          "spread": (1e3 * sig).tolist(), "error": (1e3 * err).tolist()}
+    for name, keys in (("all", TEST_SETS), ("in_domain", ("test_in_domain",))):
+        m = uncertainty_metrics(merge_predictions([preds[s] for s in keys]))
+        out[name] = {
+            "spearman_forces_structure": m["forces per structure (meV/Å)"]["spearman"],
+            "spearman_forces_structure_simulated": m["forces per structure (meV/Å)"]["spearman_simulated"],
+            "spearman_forces_atom": m["forces per atom (meV/Å)"]["spearman"],
+            "spearman_energy_structure": m["energy per structure (meV/atom)"]["spearman"],
+            "miscalibration_area_force_components": m["force components (meV/Å)"]["miscalibration_area"],
+            "zms_force_components": m["force components (meV/Å)"]["zms"],
+            "miscalibration_area_energy": m["energy per structure (meV/atom)"]["miscalibration_area"],
+            "curve_forces_structure": m["forces per structure (meV/Å)"]["curve"],
+        }
+    ood = [out["sets"][s]["mean_force_spread_meV"] for s in ("test_hot", "test_strained")]
+    out["ood_over_id_spread"] = min(ood) / out["sets"]["test_in_domain"]["mean_force_spread_meV"]
+    return out
+
+
+def timings(ckpts, args) -> list[dict]:
+    from ase.build import bulk
+    from ase.calculators.calculator import all_changes
+
+    from potentials.calculator import PotentialCalculator
+    from potentials.uncertainty.committee import members_sequential
+
+    rows = []
+    for n_rep in args.sizes:
+        atoms = bulk("Cu", "fcc", a=3.8, cubic=True).repeat((n_rep, n_rep, n_rep))
+        rng = np.random.default_rng(0)
+        atoms.numbers[rng.permutation(len(atoms))[: len(atoms) // 2]] = 79
+        atoms.rattle(0.05, seed=1)
+        plain = PotentialCalculator.from_checkpoint(ckpts[0])
+        llpr = PotentialCalculator.from_checkpoint(ckpts[0], uncertainty="llpr")
+        llpr_j = PotentialCalculator.from_checkpoint(ckpts[0], uncertainty="llpr-jacobian")
+        comm = PotentialCalculator.from_checkpoints(ckpts)
+        from potentials.data.neighbors import atoms_to_graph
+        import torch
+
+        g = atoms_to_graph(atoms, plain.r_max, where="bench")
+        g["batch"] = torch.zeros(len(atoms), dtype=torch.long)
+
+        def call(calc):
+            return lambda: calc.calculate(atoms, ["energy", "forces", "stress"], all_changes)
+
+        members = list(comm.estimator.members)
+        fns = {"plain": call(plain), "llpr": call(llpr), "llpr-jacobian": call(llpr_j), f"committee_{len(ckpts)}": call(comm),
+               f"members_one_by_one_{len(ckpts)}": lambda: members_sequential(members, g, stress=True)}
+        # interleaved: every round times each variant once, so load changes on the shared machine hit all alike
+        for fn in fns.values():
+            time_calls(fn, args.warmup, 0)
+        times = {k: [] for k in fns}
+        for _ in range(args.repeat):
+            for k, fn in fns.items():
+                times[k] += time_calls(fn, 0, 1)
+        stats = {k: timing_stats(v) for k, v in times.items()}
+        base = stats["plain"]["median_s"]
+        for k, st in stats.items():
+            rows.append({"n_atoms": len(atoms), "variant": k, **st, "ratio_median": st["median_s"] / base,
+                         "ratio_min": st["min_s"] / stats["plain"]["min_s"]})
+    return rows
+
+
+def plot(payload, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(payload["calibration"])
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.7 * len(methods), 4.2))
+    for ax, method in zip(axes, methods):
+        for s, row in payload["calibration"][method]["sets"].items():
+            ax.scatter(row["spread"], row["error"], s=10, alpha=0.7, label=s.replace("test_", ""))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("predicted force spread per structure (meV/Å)")
+        ax.set_ylabel("force RMSE per structure (meV/Å)")
+        c = payload["calibration"][method]["all"]
+        ax.set_title(f"{method}: ρ = {c['spearman_forces_structure']:.2f}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def to_markdown(p: dict, png: str | None) -> str:
+    c, ll, lj = p["calibration"]["committee"], p["calibration"]["llpr"], p["calibration"]["llpr-jacobian"]
+    n = p["members"]
+    t = {(r["n_atoms"], r["variant"]): r for r in p["timings"]}
+    sizes = sorted({r["n_atoms"] for r in p["timings"]})
+    big = max(sizes)
+    ratio_llpr, ratio_comm = t[(big, "llpr")]["ratio_median"], t[(big, f"committee_{n}")]["ratio_median"]
+    targets = [
+        ("Spearman ρ(force spread, force error) per structure, committee (all test sets)", "≥ 0.6",
+         c["all"]["spearman_forces_structure"], c["all"]["spearman_forces_structure"] >= 0.6),
+        ("Spearman ρ per structure, LLPR (all test sets)", "≥ 0.4", ll["all"]["spearman_forces_structure"],
+         ll["all"]["spearman_forces_structure"] >= 0.4),
+        ("Spearman ρ per structure, LLPR-Jacobian (all test sets)", "≥ 0.4", lj["all"]["spearman_forces_structure"],
+         lj["all"]["spearman_forces_structure"] >= 0.4),
+        ("mean spread out of domain / in domain (min over hot, strained), committee", "> 1", c["ood_over_id_spread"],
+         c["ood_over_id_spread"] > 1),
+        ("same, LLPR", "> 1", ll["ood_over_id_spread"], ll["ood_over_id_spread"] > 1),
+        ("same, LLPR-Jacobian", "> 1", lj["ood_over_id_spread"], lj["ood_over_id_spread"] > 1),
+        (f"LLPR call / plain call (median, {big} atoms)", "≤ 1.3", ratio_llpr, ratio_llpr <= 1.3),
+        (f"LLPR call / plain call (minimum, {big} atoms)", "≤ 1.3", t[(big, "llpr")]["ratio_min"], t[(big, "llpr")]["ratio_min"] <= 1.3),
+        (f"LLPR-Jacobian call / plain call (minimum, {big} atoms)", "≤ 1.3", t[(big, "llpr-jacobian")]["ratio_min"],
+         t[(big, "llpr-jacobian")]["ratio_min"] <= 1.3),
+        (f"committee of {n} / plain call (median, {big} atoms)", "≤ 2.5", ratio_comm, ratio_comm <= 2.5),
+        (f"committee of {n} / plain call (minimum, {big} atoms)", "≤ 2.5", t[(big, f"committee_{n}")]["ratio_min"],
+         t[(big, f"committee_{n}")]["ratio_min"] <= 2.5),
+    ]
+    lines = [
+        "# Uncertainty: calibration and cost", "", f"Command: `{p['command']}`", "",
+        machine_markdown(p["machine"], None), "",
+        f"Training ({n} members in one Hydra multirun, {p['training']['wall_s']:.0f} s wall, "
+        f"{p['training']['cpu_s']:.0f} CPU-s{'; trained by an earlier run of this script into the same --out-dir, reused' if p['training'].get('reused') else ''}): "
+        f"`{p['training']['command']}`", "",
+        f"LLPR fit on member 0: d = {p['llpr']['dim']} readout features, ς² = {p['llpr']['regularizer']:.2g}, "
+        f"α_E = {p['llpr']['alpha_energy']:.3g}, α_F = {p['llpr']['alpha_forces']:.3g}, "
+        f"α_F Jacobian = {p['llpr']['alpha_forces_jacobian']:.3g} (validation set), "
+        f"{p['llpr']['fit_s']:.1f} s.", "",
+        "Data: ASE EMT Cu–Au (8/16-atom fcc cells); train/validation 300–600 K, ±1 % strain; test sets: in domain "
+        "(same recipe, new seed), hot (1,200–1,500 K), strained (±6 % isotropic, ≤5 % shear). "
+        "Force spread per structure = √(mean_i σ_i²/3); error = force-component RMSE of the structure.", "",
+        "## Targets", "",
+        markdown_table(["quantity", "target", "measured", "met"], [(a, b, v, "yes" if ok else "**no**") for a, b, v, ok in targets]),
+        "", "## Calibration", "",
+        markdown_table(
+            ["method", "ρ struct (all)", "ρ if calibrated (simulated)", "ρ struct (in domain)", "ρ per atom (all)",
+             "ρ energy/struct (all)", "miscal. area F comp (all)", "ZMS F comp (in domain)"],
+            [(m, d["all"]["spearman_forces_structure"], d["all"]["spearman_forces_structure_simulated"],
+              d["in_domain"]["spearman_forces_structure"], d["all"]["spearman_forces_atom"],
+              d["all"]["spearman_energy_structure"], d["all"]["miscalibration_area_force_components"],
+              d["in_domain"]["zms_force_components"]) for m, d in (("committee", c), ("LLPR", ll), ("LLPR-Jacobian", lj))]),
+        "", markdown_table(
+            ["test set", "n", "F RMSE meV/Å (member 0 / committee mean)", "mean spread committee / LLPR / LLPR-J meV/Å",
+             "ρ committee", "ρ LLPR", "ρ LLPR-J"],
+            [(s.replace("test_", ""), c["sets"][s]["n"], f"{ll['sets'][s]['force_rmse_meV']:.1f} / {c['sets'][s]['force_rmse_meV']:.1f}",
+              " / ".join(fmt(x["sets"][s]["mean_force_spread_meV"]) for x in (c, ll, lj)),
+              c["sets"][s]["spearman_structure"], ll["sets"][s]["spearman_structure"], lj["sets"][s]["spearman_structure"])
+             for s in TEST_SETS]),
+        "", "## Cost per calculator call (energy, forces, stress)", "",
+        f"{p['warmup']} warm-up and {p['repeat']} timed calls each (interleaved rounds: plain, LLPR, LLPR-Jacobian, committee, one by one), "
+        f"torch threads = {p['threads']}; ratios to the plain call. The machine is shared (see load average), so minima are "
+        "the steadier numbers.", "",
+        markdown_table(["atoms", "variant", "median ms", "min ms", "ratio (median)", "ratio (min)"],
+                       [(r["n_atoms"], r["variant"], 1e3 * r["median_s"], 1e3 * r["min_s"], r["ratio_median"], r["ratio_min"])
+                        for r in p["timings"]]),
+        "", "`committee_N`: the calculator's one-pass evaluation (each member its own leaf positions, one backward of Σ E_m); "
+        "`members_one_by_one_N`: the same members through `energy_forces_stress` one after the other (no ASE overhead).",
+    ]
+    if png:
+        lines += ["", f"![spread vs error]({png})"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench_uncertainty")
+    ap.add_argument("--json", help="write the report here (and .md/.png beside it)")
+    ap.add_argument("--members", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 3], help="cubic fcc repeats for the timings (32, 108 atoms)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--retrain", action="store_true", help="train the committee again even if OUT_DIR has it")
+    args = ap.parse_args(argv)
+    if args.warmup < 3 or args.repeat < 5:
+        sys.exit("timings need --warmup ≥ 3 and --repeat ≥ 5")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    payload = {"command": command_line(), "machine": machine_info(args.threads), "members": args.members,
+               "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat}
+    paths = make_data(args.out_dir / "data")
+    ckpts, payload["training"] = train_committee(args, paths)
+    print(f"trained {len(ckpts)} members in {payload['training']['wall_s']:.0f} s", flush=True)
+    payload["llpr"] = fit_llpr_for(ckpts[0], paths)
+
+    from potentials.calculator import model_from_checkpoint
+    from potentials.uncertainty.committee import Committee
+    from potentials.uncertainty.llpr import load_estimator
+
+    committee = Committee.from_checkpoints(ckpts)
+    payload["calibration"] = {"committee": calibration(committee, paths, committee.r_max)}
+    for method in ("llpr", "llpr-jacobian"):
+        est = load_estimator(ckpts[0], model_from_checkpoint(ckpts[0]), method)
+        payload["calibration"][method] = calibration(est, paths, est.r_max)
+    payload["timings"] = timings(ckpts, args)
+    payload["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    png = None
+    if args.json:
+        png = Path(args.json).with_suffix(".png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
+        plot(payload, tmp)
+        os.replace(tmp, png)
+    write_report(payload, args.json, to_markdown(payload, png.name if png else None), also=[png] if png else [])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
