@@ -325,6 +325,19 @@ def hp_description(hp: dict[str, Any], batch_size: int | None = None) -> dict[st
     return desc
 
 
+MODES = ("eager", "compile", "export")
+
+
+def with_modes(variants: list[dict[str, Any]], modes: Sequence[str]) -> list[dict[str, Any]]:
+    """Each variant once per execution mode: ``eager``; ``compile`` (traced + torch.compile'd energy/forces/stress
+    graph, :mod:`potentials.models.compiled`); ``export`` (AOTInductor package, :mod:`potentials.models.export`).
+    Labels get ``+compile`` / ``+export``."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes: unknown {bad}; known: {list(MODES)}")
+    return [{**v, "label": v["label"] if m == "eager" else f"{v['label']}+{m}", "mode": m} for v in variants for m in modes]
+
+
 def our_variants(only: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every model/back-end combination of this project available now: MACE with each registered
     tensor-product engine (``auto`` and aliases excluded), Facet if registered, the spline radial if registered."""

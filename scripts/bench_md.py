@@ -2,7 +2,7 @@
 """Inference cost of the ASE calculator (what MD and relaxations pay per step), this project vs mace-torch.
 
     python scripts/bench_md.py [--json OUT] [--quick] [--sizes 108,500,2048,4000,10976] [--dtypes float32]
-                               [--repeat 3] [--warmup 1] [--threads N] [--no-peer] [--only mace/cg]
+                               [--repeat 5] [--warmup 3] [--modes eager,compile,export] [--threads N] [--no-peer] [--only mace/cg]
                                [--budget-s 3000] [--profile 2048] [--hp channels=32 ...]
 
 One call = ``calc.calculate(atoms, [energy, forces(, stress)], all_changes)``: neighbour list, graph,
@@ -16,9 +16,10 @@ memory just before the first call (model built, structure read).
 Guards (a shared 2-core machine): before each size the time and memory of the next size are extrapolated
 from the two previous ones of the same back end; a size predicted to need more than ``--mem-fraction`` of
 the available memory or more than ``--cell-budget-s`` is skipped with the reason, and so is everything
-after ``--budget-s`` seconds. A size where any back end is predicted to take more than ``--big-call-s`` per
-call is timed once without a warm-up call, for every back end alike (one-time costs of ~1 s are small next
-to such a call). Per back end the fitted exponent of time per call vs atoms (log-log, periodic
+after ``--budget-s`` seconds. Every timed row gets the same protocol (``--warmup`` untimed calls, then
+``--repeat`` timed calls: 3 and 5 by default); a size that would not fit the cell budget with it is skipped,
+never timed with fewer calls. ``--modes eager,compile,export`` adds this project's compiled calculator and its
+AOTInductor export as extra rows (first-call and export times reported). Per back end the fitted exponent of time per call vs atoms (log-log, periodic
 cells) is reported, and a log-log plot is written beside the JSON (``.png``).
 
 ``--profile N`` adds a ``torch.profiler`` table of the top operators of one call on the periodic cell nearest
@@ -29,6 +30,7 @@ target is missed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,17 +60,32 @@ def worker(task: dict) -> dict:
     model = bc.build_our_model(cfg, stats, seed=task.get("seed", 0))
     atoms = ase.io.read(task["structure"], index=-1)
     atoms.calc = None
-    calc = PotentialCalculator(model)
+    mode = task.get("mode", "eager")
+    export_s = None
+    if mode == "export":  # AOTInductor package of this model, then run through it alone
+        from potentials.models.export import export_model
+
+        path = Path(bc.temp_dir()) / f"export-{os.getpid()}.pt2"
+        t0 = time.perf_counter()
+        export_model(model, path)
+        export_s = time.perf_counter() - t0
+        calc = PotentialCalculator.from_exported(path)
+    else:
+        calc = PotentialCalculator(model, compile=mode == "compile")
     props = ["energy", "forces"] + (["stress"] if atoms.pbc.any() else [])
     rss_before = bc.rss_mb()
 
     def call():
         calc.calculate(atoms, props, all_changes)
 
-    times = bc.time_calls(call, task.get("warmup", 1), task.get("repeat", 3))
+    t0 = time.perf_counter()
+    call()  # first call: includes tracing and compiling in compile mode
+    first_call_s = time.perf_counter() - t0
+    times = bc.time_calls(call, max(task.get("warmup", 3) - 1, 0), task.get("repeat", 5))
     out = {
         "call_times_s": times, "num_atoms": len(atoms), "energy": float(calc.results["energy"]),
         "rss_before_mb": rss_before, "peak_rss_mb": bc.peak_rss_mb(), "num_parameters": bc.num_parameters(model),
+        "first_call_s": first_call_s, "export_s": export_s,
     }
     if task.get("profile"):
         import torch
@@ -129,7 +146,8 @@ def run_cell(backend: dict, system: dict, dtype: str, args, repeat: int, warmup:
     if backend["side"] == "peer":
         return bc.run_peer({"kind": "calc", "hp": args.hp_values, **common}, timeout=args.cell_timeout_s)
     cfg, dropped = bc.model_config(backend["variant"], args.hp_values, dtype)
-    out = bc.run_self_worker(SCRIPT, {"model_cfg": cfg, "profile": profile, **common}, timeout=args.cell_timeout_s)
+    task = {"model_cfg": cfg, "profile": profile, "mode": backend["variant"].get("mode", "eager"), **common}
+    out = bc.run_self_worker(SCRIPT, task, timeout=args.cell_timeout_s)
     if dropped:
         out["hp_not_taken"] = dropped
     return out
@@ -143,12 +161,12 @@ def run(args) -> dict:
     payload["settings"] = {
         "sizes_requested": args.sizes, "dtypes": args.dtypes, "repeat": args.repeat, "warmup": args.warmup,
         "systems": args.systems, "budget_s": args.budget_s, "cell_budget_s": args.cell_budget_s,
-        "mem_fraction": args.mem_fraction, "big_call_s": args.big_call_s, "quick": args.quick, "statistic": "median call time (min also given)",
+        "mem_fraction": args.mem_fraction, "modes": args.modes, "quick": args.quick, "statistic": "median call time (min also given)",
     }
     backends = []
     if not args.no_peer:
         backends.append({"label": "mace-torch", "side": "peer"})
-    for v in bc.our_variants(args.only):
+    for v in bc.with_modes(bc.our_variants(args.only), args.modes):
         backends.append({"label": v["label"], "side": "ours", "variant": v})
     payload["variants"] = [b["label"] for b in backends]
     tmp = bc.temp_dir()
@@ -163,14 +181,7 @@ def run(args) -> dict:
             rows.append({"system": system["system"], "backend": "*", "side": "both", "status": "skipped", "reason": system["skip"]})
             continue
         for dtype in args.dtypes:
-            # one timing protocol per size for all back ends: "big" (one call, no warm-up) as soon as any back
-            # end is predicted above --big-call-s there, so that no back end is timed warm and another cold
-            preds = []
-            for b in backends:
-                h = history.get((b["label"], dtype), []) if system["periodic"] else []
-                if len(h) >= 2:
-                    preds.append(bc.extrapolate([x[0] for x in h], [x[1] for x in h], system["num_atoms"]) or 0.0)
-            big = any(t > args.big_call_s for t in preds)
+            # one timing protocol for every size and back end: --warmup untimed, then --repeat timed calls
             for backend in backends:
                 key = (backend["label"], dtype)
                 row = {
@@ -189,7 +200,7 @@ def run(args) -> dict:
                 if elapsed > args.budget_s:
                     row.update(status="skipped", reason=f"time budget --budget-s {args.budget_s:.0f} s spent")
                     continue
-                repeat, warmup = (1, 0) if big else (args.repeat, args.warmup)
+                repeat, warmup = args.repeat, args.warmup
                 hist = history.get(key, []) if system["periodic"] else []
                 if len(hist) >= 2:
                     ns = [h[0] for h in hist]
@@ -205,13 +216,12 @@ def run(args) -> dict:
                         continue
                     if t_pred is not None:
                         row["predicted_s_per_call"] = t_pred
-                        if t_pred * (1 + warmup) > args.cell_budget_s:
-                            reason = (f"predicted {t_pred:,.0f} s per call > cell budget {args.cell_budget_s:.0f} s "
-                                      f"(extrapolated from {ns[-2]} and {ns[-1]} atoms)")
+                        if t_pred * (repeat + warmup) > args.cell_budget_s:
+                            reason = (f"predicted {t_pred:,.0f} s per call × {repeat + warmup} calls > cell budget "
+                                      f"{args.cell_budget_s:.0f} s (extrapolated from {ns[-2]} and {ns[-1]} atoms)")
                             row.update(status="skipped", reason=reason)
                             stopped[key] = f"larger than a skipped size ({reason})"
                             continue
-                        repeat = max(1, min(repeat, int(args.cell_budget_s / t_pred) - warmup))
                 load0 = bc.load_average()
                 raw = run_cell(backend, system, dtype, args, repeat, warmup)
                 row["load_average"] = [load0, bc.load_average()]
@@ -227,7 +237,8 @@ def run(args) -> dict:
                     us_per_atom=1e6 * st["median_s"] / n, ms_per_atom=1e3 * st["median_s"] / n,
                     peak_rss_mb=raw["peak_rss_mb"], rss_before_mb=raw["rss_before_mb"],
                     working_mb=max(raw["peak_rss_mb"] - raw["rss_before_mb"], 0.0),
-                    num_parameters=raw.get("num_parameters"),
+                    num_parameters=raw.get("num_parameters"), first_call_s=raw.get("first_call_s"),
+                    export_s=raw.get("export_s"),
                 )
                 if raw.get("hp_not_taken"):
                     row["hp_not_taken"] = raw["hp_not_taken"]
@@ -241,6 +252,7 @@ def run(args) -> dict:
         p = peer_rows.get((r.get("system"), r.get("dtype")))
         if r.get("side") == "ours" and r.get("status") == "ok" and p:
             r["speedup_vs_peer"] = p["ms_per_call"] / r["ms_per_call"]
+            r["speedup_vs_peer_min"] = p["ms_per_call_min"] / r["ms_per_call_min"]
             r["memory_ratio_vs_peer"] = r["peak_rss_mb"] / p["peak_rss_mb"]
     payload["scaling"] = scaling(rows, backends, args.dtypes)
     payload["targets"] = targets(rows, payload["scaling"], backends)
@@ -337,21 +349,29 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
     s = payload["settings"]
     lines = [
         *bc.report_header("Inference (ASE calculator): this project vs mace-torch", payload),
-        "- one call = neighbour list + graph + energy + forces (+ stress for periodic cells; mace-torch's calculator "
-        f"computes stress for the molecule too); {s['warmup']} warm-up call(s), up to {s['repeat']} timed call(s) per "
-        f"row (at sizes where a back end is predicted above {s['big_call_s']:g} s per call: one call, without warm-up, for all back ends; see the calls column); untrained models, random weights, same architecture on both sides",
+        "- one call = neighbour list + graph + energy + forces (+ stress for periodic cells only, on both sides); "
+        f"{s['warmup']} warm-up call(s) and {s['repeat']} timed call(s) per row on both sides at every size (a size "
+        "predicted to exceed the cell budget is skipped, never timed with fewer calls); untrained models, random "
+        "weights, same architecture on both sides",
+        "- `+compile`: the calculator's traced + compiled graph (`PotentialCalculator(model, compile=True)`, inductor); "
+        "`+export`: the AOTInductor package (`scripts/export.py`, `from_exported`). first call = the first call of the "
+        "row's process (tracing + compiling included; inductor's on-disk cache may shorten it for later rows); export = "
+        "time to trace, export and compile the package",
         "- each row runs in a fresh process: peak = peak resident memory of that process (Python, torch and the "
         "model included); working = peak − resident memory just before the first call",
         "- speed-up = mace-torch ms/call ÷ this project's ms/call (same system and dtype; > 1 is faster)",
         "",
         bc.markdown_table(
             ["system", "atoms", "dtype", "backend", "ms/call (median)", "ms/call (min)", "µs/atom", "calls",
-             "peak MB", "working MB", "speed-up vs mace-torch", "status"],
+             "peak MB", "working MB", "vs mace-torch (medians)", "vs mace-torch (minima)", "first call s",
+             "export s", "status"],
             [
                 [r["system"], r.get("num_atoms"), r.get("dtype") or "–", r["backend"], r.get("ms_per_call"),
                  r.get("ms_per_call_min"), r.get("us_per_atom"), r.get("calls_timed"), r.get("peak_rss_mb"),
                  r.get("working_mb"),
                  (f"{r['speedup_vs_peer']:.2f}×" if "speedup_vs_peer" in r else "–"),
+                 (f"{r['speedup_vs_peer_min']:.2f}×" if "speedup_vs_peer_min" in r else "–"),
+                 r.get("first_call_s"), r.get("export_s"),
                  r["status"] + (f": {r['reason']}" if r.get("reason") else "")]
                 for r in payload["rows"]
             ],
@@ -400,8 +420,9 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default=None, help="comma-separated target atom counts (default 108,500,2048,4000,10976)")
     p.add_argument("--systems", default="3bpa,cu", help="3bpa and/or cu")
     p.add_argument("--dtypes", default="float32", help="comma-separated (float32 is the issue's target)")
-    p.add_argument("--repeat", type=int, default=None, help="timed calls per row (default 3; --quick 2)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per row (default 5)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    p.add_argument("--modes", default="eager", help="comma-separated: eager, compile, export (see bench_common.with_modes)")
     p.add_argument("--threads", type=int, default=bc.available_cores())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peer", action="store_true")
@@ -410,8 +431,6 @@ def parse_args(argv=None):
     p.add_argument("--data-3bpa", default=str(bc.DEFAULT_3BPA))
     p.add_argument("--budget-s", type=float, default=3000.0, help="skip what is left after this many seconds")
     p.add_argument("--cell-budget-s", type=float, default=240.0, help="skip a size predicted to exceed this per row")
-    p.add_argument("--big-call-s", type=float, default=10.0,
-                   help="a size predicted to take longer per call is timed once, without warm-up")
     p.add_argument("--cell-timeout-s", type=float, default=1200.0, help="kill a row's process after this")
     p.add_argument("--mem-fraction", type=float, default=0.6, help="skip a size predicted to exceed this × MemAvailable")
     p.add_argument("--profile", type=int, default=None, metavar="N_ATOMS", help="profile one call of ours at ~N atoms")
@@ -424,7 +443,9 @@ def parse_args(argv=None):
     args.sizes = [int(s) for s in (args.sizes or default_sizes).split(",") if s]
     args.systems = [s for s in args.systems.split(",") if s]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
-    args.repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
+    if args.repeat < 5 or args.warmup < 3:
+        print("note: fewer than 3 warm-up / 5 timed calls: not the committed protocol", file=sys.stderr)
+    args.modes = [m for m in args.modes.split(",") if m]
     args.only = args.only.split(",") if args.only else None
     args.profile_backends = [b for b in args.profile_backends.split(",") if b]
     args.hp_values = bc.hyperparameters(bc.parse_hp_overrides(args.hp))
