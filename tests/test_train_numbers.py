@@ -44,3 +44,46 @@ def test_energy_constants_stay_float64_in_float32_models(periodic_atoms):
     assert e_big.dtype == torch.float64
     expected = sum(BIG_E0S[int(z)] for z in periodic_atoms.numbers)
     assert abs(float(e_big - e_zero) - expected) < 1e-9, float(e_big - e_zero) - expected
+
+
+def _with_offset(src, dst, per_atom_offset: float):
+    """Copy of the extxyz ``src`` with ``per_atom_offset`` · N added to every energy (forces, stress unchanged)."""
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = ase.io.read(src, ":")
+    for a in frames:
+        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
+        a.calc = SinglePointCalculator(a, energy=e + per_atom_offset * len(a), forces=f, stress=s)
+    ase.io.write(dst, frames, format="extxyz")
+    return dst
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_constant_energy_offset_is_carried_exactly_by_the_shift(demo_file, tmp_path, dtype):
+    """Energies + c·N (c = −7.3 eV/atom, E0s given, not fitted): the per-atom shift takes c, the learned part
+    of the model never sees it. Through the whole pipeline (Lightning, EMA of weights *and* buffers, checkpoint,
+    rebuilt model) the trained model's energy errors equal those of the same run without the offset.
+    A float32 model that applied E0s/shift in float32 would train differently (its loss sees the rounding)."""
+    from potentials.calculator import model_from_checkpoint
+    from potentials.data.dataset import GraphDataset
+    from potentials.train.evaluation import predict
+    from potentials.train.run import train
+    from tests.test_train import make_cfg
+
+    e0s = "data.e0s={Cu:-1029.489,Au:-13.6}"
+    errors, shifts = [], []
+    for c in (0.0, -7.3):
+        data = _with_offset(demo_file, tmp_path / f"offset{c}.extxyz", c)
+        cfg = make_cfg(data, "trainer.max_epochs=2", "loss.forces=1000", "loss.stress=0", e0s, f"model.dtype={dtype}",
+                       "parity_plot=false", "checkpoint.every_n_train_steps=null")
+        result = train(cfg, tmp_path / f"run{c}")
+        model = model_from_checkpoint(result["last"])
+        shifts.append(float(model.scale_shift.shift[0]))
+        ds = GraphDataset.from_files([str(data)], model.r_max)
+        ref, pred = predict(model, [ds[i] for i in range(len(ds))])["energy"]
+        errors.append(pred - ref)
+    assert abs(shifts[1] - shifts[0] - (-7.3)) < 1e-9
+    spread = float(np.std(errors[0]))
+    assert spread > 0
+    np.testing.assert_allclose(errors[1], errors[0], rtol=0, atol=1e-9 * max(1.0, spread))
