@@ -87,3 +87,36 @@ def test_constant_energy_offset_is_carried_exactly_by_the_shift(demo_file, tmp_p
     spread = float(np.std(errors[0]))
     assert spread > 0
     np.testing.assert_allclose(errors[1], errors[0], rtol=0, atol=1e-9 * max(1.0, spread))
+
+
+def test_stress_derivative_only_for_batches_with_stress_labels(demo_file, monkeypatch):
+    """Default loss.stress=100: a batch without stress labels (molecules, OC20) must not request the strain
+    derivative (and its double backward); one with labels does; validation reports stress only where labelled."""
+    import potentials.train.module as module_mod
+    from potentials.data.dataset import GraphDataset
+    from potentials.data.graph import AtomicGraph, collate
+    from potentials.train.module import PotentialModule
+
+    asked = []
+    real = module_mod.energy_forces_stress
+
+    def spy(model, graph, **kw):
+        asked.append(kw["stress"])
+        return real(model, graph, **kw)
+
+    monkeypatch.setattr(module_mod, "energy_forces_stress", spy)
+    with_stress = collate([GraphDataset.from_files([str(demo_file)], 4.0)[i] for i in range(2)])
+    assert bool((with_stress["stress_weight"] > 0).all())
+    without = AtomicGraph({k: v for k, v in with_stress.items() if not k.startswith("stress")})
+    zero_weight = with_stress.replace(stress_weight=torch.zeros_like(with_stress["stress_weight"]))
+    module = PotentialModule(TINY_MODEL, TINY_STATS, loss={"energy": 1, "forces": 10, "stress": 100})
+    for graph in (without, zero_weight, with_stress):
+        loss = module.loss_fn(module(graph, training=True), graph)
+        loss.backward()
+    assert asked == [False, False, True]
+    no_stress_loss = PotentialModule(TINY_MODEL, TINY_STATS, loss={"energy": 1, "forces": 10, "stress": 0})
+    asked.clear()
+    no_stress_loss(with_stress, training=True)  # weight 0: not needed for the loss
+    no_stress_loss(with_stress, training=False)  # validation: reported where labelled
+    no_stress_loss(without, training=False)
+    assert asked == [False, True, False]

@@ -44,11 +44,17 @@ class PotentialModule(pl.LightningModule):
         self.loss_fn = WeightedLoss(**(loss or {}))
         self.optim_cfg = {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "amsgrad": True, **(optim or {})}
         self.sched_cfg = {"name": "plateau", "factor": 0.8, "patience": 5, **(scheduler or {})}
-        self.want_stress = (loss or {}).get("stress", 0.0) > 0
+        self.stress_in_loss = self.loss_fn.coeffs["stress"] > 0
         self.metrics = {"train": ErrorAccumulator(), "val": ErrorAccumulator()}
 
+    def needs_stress(self, graph: AtomicGraph, training: bool) -> bool:
+        """The strain derivative (and in training its double backward) only for a batch with a stress label;
+        in training only when the loss weighs stress (validation reports it whenever labels exist)."""
+        has_label = "stress" in graph and bool((graph["stress_weight"] > 0).any())
+        return has_label and (self.stress_in_loss or not training)
+
     def forward(self, graph: AtomicGraph, training: bool = False) -> dict[str, torch.Tensor]:
-        stress = self.want_stress or ("stress" in graph and bool((graph["stress_weight"] > 0).any()))
+        stress = self.needs_stress(graph, training)
         return energy_forces_stress(self.model, graph, forces=True, stress=stress, training=training)
 
     def _step(self, graph: AtomicGraph, stage: str) -> torch.Tensor:
