@@ -120,3 +120,45 @@ def test_stress_derivative_only_for_batches_with_stress_labels(demo_file, monkey
     no_stress_loss(with_stress, training=False)  # validation: reported where labelled
     no_stress_loss(without, training=False)
     assert asked == [False, True, False]
+
+
+def test_nonfinite_loss_stops_without_touching_the_last_checkpoint_or_skips(demo_file, tmp_path, monkeypatch):
+    """A NaN training loss: ``nonfinite=stop`` raises a one-line PotentialsError and leaves last.ckpt as it was;
+    ``nonfinite=skip`` drops that step (weights stay finite) and the run finishes."""
+    import hashlib
+
+    from potentials.errors import PotentialsError
+    from potentials.train.module import PotentialModule
+    from potentials.train.run import train
+    from tests.test_train import make_cfg
+
+    run_dir = tmp_path / "run"
+    common = ["loss.stress=0", "parity_plot=false", "checkpoint.every_n_train_steps=1", "ema.enabled=false"]
+    first = train(make_cfg(demo_file, "trainer.max_epochs=1", *common), run_dir)
+    last = first["last"]
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    steps_per_epoch = first["global_step"]
+
+    real_step, calls = PotentialModule._step, {"train": 0}
+
+    def nan_on_third_training_batch(self, graph, stage):
+        loss = real_step(self, graph, stage)
+        if stage == "train":
+            calls["train"] += 1
+            if calls["train"] == 3:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(PotentialModule, "_step", nan_on_third_training_batch)
+    with pytest.raises(PotentialsError, match=r"non-finite training loss at epoch 1, batch 2") as info:
+        train(make_cfg(demo_file, "trainer.max_epochs=2", *common), run_dir)
+    assert "\n" not in str(info.value)
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest  # the last good checkpoint is untouched
+    newest = max(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.ckpt"))
+    assert newest < steps_per_epoch + 3  # no step checkpoint at or after the bad step
+
+    calls["train"] = 0
+    result = train(make_cfg(demo_file, "trainer.max_epochs=2", "nonfinite=skip", *common), run_dir)
+    ckpt = torch.load(result["last"], weights_only=False)
+    assert calls["train"] >= 3 and ckpt["epoch"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["state_dict"].values() if v.is_floating_point())
