@@ -162,3 +162,25 @@ def test_nonfinite_loss_stops_without_touching_the_last_checkpoint_or_skips(demo
     ckpt = torch.load(result["last"], weights_only=False)
     assert calls["train"] >= 3 and ckpt["epoch"] == 1
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_calculator_stress_matches_numerical_stress_and_the_model_in_voigt_order(tiny_model, periodic_atoms):
+    """ASE's ``calculate_numerical_stress`` (central differences of the calculator's energy under strain) and the
+    model's own 3×3 stress, mapped to Voigt order xx yy zz yz xz xy, both equal ``atoms.get_stress()``."""
+    from ase.calculators.fd import calculate_numerical_stress
+
+    from potentials.calculator import PotentialCalculator
+    from potentials.models import energy_forces_stress
+
+    atoms = periodic_atoms.copy()
+    atoms.calc = PotentialCalculator(tiny_model)
+    voigt = atoms.get_stress()
+    sigma = energy_forces_stress(tiny_model, _graph(atoms, tiny_model.r_max), stress=True)["stress"][0].detach().numpy()
+    offdiag = [sigma[1, 2], sigma[0, 2], sigma[0, 1]]
+    assert min(abs(a - b) for a, b in [(offdiag[0], offdiag[1]), (offdiag[1], offdiag[2]), (offdiag[0], offdiag[2])]) > 1e-5
+    expected = [sigma[0, 0], sigma[1, 1], sigma[2, 2], sigma[1, 2], sigma[0, 2], sigma[0, 1]]
+    np.testing.assert_allclose(voigt, expected, rtol=0, atol=1e-12)
+    numerical = calculate_numerical_stress(atoms, eps=1e-5, voigt=True)
+    scale = float(np.abs(voigt).max())
+    assert scale > 1e-4
+    np.testing.assert_allclose(voigt, numerical, rtol=0, atol=1e-6 * scale)
