@@ -184,3 +184,67 @@ def test_calculator_stress_matches_numerical_stress_and_the_model_in_voigt_order
     scale = float(np.abs(voigt).max())
     assert scale > 1e-4
     np.testing.assert_allclose(voigt, numerical, rtol=0, atol=1e-6 * scale)
+
+
+def test_bf16_autocast_stays_in_the_backbone(tiny_model, periodic_atoms):
+    """Under an outer bf16 autocast (Lightning's bf16-mixed) the readouts, scale/shift + energy sum and the force
+    autograd through them run in the model dtype (float32; energy in float64), checked with hooks. Forces equal,
+    to float32 round-off, a reference in which autocast is applied by hand only around the backbone blocks
+    (interactions, products) and never by the model's own precision helpers; both differ from float64 by bf16's
+    error, which sets the scale of the tolerance."""
+    from potentials.models import build_model, energy_forces_stress
+
+    m32 = build_model({**TINY_MODEL, "dtype": "float32"}, TINY_STATS)
+    m32.load_state_dict(tiny_model.state_dict())
+    g = _graph(periodic_atoms, m32.r_max)
+    seen: dict[str, list] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            dtypes = {t.dtype for t in inputs if torch.is_tensor(t) and t.is_floating_point()}
+            seen.setdefault(name, []).append((torch.is_autocast_enabled("cpu"), dtypes, output.dtype))
+        return hook
+
+    def record_backward(name):
+        def hook(module, grad_input, grad_output):
+            seen.setdefault(name, []).append({t.dtype for t in grad_output if t is not None})
+        return hook
+
+    handles = [m32.scale_shift.register_forward_hook(record("scale_shift"))]
+    for i, (readout, product) in enumerate(zip(m32.readouts, m32.products)):
+        handles += [readout.register_forward_hook(record(f"readout{i}")), product.register_forward_hook(record(f"product{i}")),
+                    readout.register_full_backward_hook(record_backward(f"readout{i}_backward"))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = energy_forces_stress(m32, g, stress=False)
+    for h in handles:
+        h.remove()
+    assert all(on for on, _, _ in seen["product0"] + seen["product1"])  # the backbone does run under autocast
+    for i in range(2):
+        assert seen[f"readout{i}"] == [(False, {torch.float32}, torch.float32)]
+        assert seen[f"readout{i}_backward"] == [{torch.float32}]  # force autograd through the head: float32
+    assert seen["scale_shift"] == [(False, {torch.float32}, torch.float64)]
+    assert mixed["energy"].dtype == mixed["forces"].dtype == torch.float64
+
+    # reference: no outer autocast; autocast entered by hand around each backbone block only
+    originals = {}
+    for block in [*m32.interactions, *m32.products]:
+        originals[block] = block.forward
+
+        def wrapped(*args, _fwd=block.forward, **kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return _fwd(*args, **kwargs)
+
+        block.forward = wrapped
+    try:
+        reference = energy_forces_stress(m32, g, stress=False)
+    finally:
+        for block, fwd in originals.items():
+            block.forward = fwd
+    exact = energy_forces_stress(tiny_model, g, stress=False)
+    f_scale = float(exact["forces"].abs().max())
+    bf16_error = float((reference["forces"] - exact["forces"]).abs().max()) / f_scale
+    assert 1e-5 < bf16_error < 0.2  # bf16 round-off is visible (the reference is not accidentally exact)
+    diff = float((mixed["forces"] - reference["forces"]).abs().max()) / f_scale
+    assert diff <= 1e-2 * bf16_error, (diff, bf16_error)
+    e_diff = float((mixed["energy"] - reference["energy"]).abs().max())
+    assert e_diff <= 1e-2 * float((reference["energy"] - exact["energy"]).abs().max()) + 1e-6
