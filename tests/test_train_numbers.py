@@ -139,17 +139,17 @@ def test_nonfinite_loss_stops_without_touching_the_last_checkpoint_or_skips(demo
     digest = hashlib.sha256(last.read_bytes()).hexdigest()
     steps_per_epoch = first["global_step"]
 
-    real_step, calls = PotentialModule._step, {"train": 0}
+    real, calls = PotentialModule._predict_and_loss, {"train": 0}
 
     def nan_on_third_training_batch(self, graph, stage):
-        loss = real_step(self, graph, stage)
+        pred, loss = real(self, graph, stage)
         if stage == "train":
             calls["train"] += 1
             if calls["train"] == 3:
-                return loss * float("nan")
-        return loss
+                return pred, loss * float("nan")
+        return pred, loss
 
-    monkeypatch.setattr(PotentialModule, "_step", nan_on_third_training_batch)
+    monkeypatch.setattr(PotentialModule, "_predict_and_loss", nan_on_third_training_batch)
     with pytest.raises(PotentialsError, match=r"non-finite training loss at epoch 1, batch 2") as info:
         train(make_cfg(demo_file, "trainer.max_epochs=2", *common), run_dir)
     assert "\n" not in str(info.value)
@@ -161,6 +161,10 @@ def test_nonfinite_loss_stops_without_touching_the_last_checkpoint_or_skips(demo
     result = train(make_cfg(demo_file, "trainer.max_epochs=2", "nonfinite=skip", *common), run_dir)
     ckpt = torch.load(result["last"], weights_only=False)
     assert calls["train"] >= 3 and ckpt["epoch"] == 1
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows if r.get("train_loss"))  # the skipped loss not logged
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 

@@ -68,9 +68,14 @@ class PotentialModule(pl.LightningModule):
         stress = self.needs_stress(graph, training)
         return energy_forces_stress(self.model, graph, forces=True, stress=stress, training=training)
 
-    def _step(self, graph: AtomicGraph, stage: str) -> torch.Tensor:
+    def _predict_and_loss(self, graph: AtomicGraph, stage: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         pred = self(graph, training=stage == "train")
-        loss = self.loss_fn(pred, graph)
+        return pred, self.loss_fn(pred, graph)
+
+    def _step(self, graph: AtomicGraph, stage: str, batch_idx: int = -1) -> torch.Tensor | None:
+        pred, loss = self._predict_and_loss(graph, stage)
+        if stage == "train" and self._nonfinite("loss", bool(torch.isfinite(loss.detach()).all()), batch_idx):
+            return None  # skipped: neither the metrics nor the logged loss see it
         self.metrics[stage].update(pred, graph)
         self.log(
             f"{stage}_loss", loss.detach(), batch_size=graph.num_graphs, prog_bar=True, on_step=False, on_epoch=True,
@@ -79,8 +84,7 @@ class PotentialModule(pl.LightningModule):
         return loss
 
     def training_step(self, graph: AtomicGraph, batch_idx: int) -> torch.Tensor | None:
-        loss = self._step(graph, "train")
-        return None if self._nonfinite("loss", bool(torch.isfinite(loss.detach()).all()), batch_idx) else loss
+        return self._step(graph, "train", batch_idx)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.isfinite().all() for p in self.parameters() if p.grad is not None]
