@@ -411,6 +411,36 @@ def num_parameters(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+# mace-torch's top-level module names that hold the same block as ours under another name
+PEER_MODULE_NAMES = {"node_embedding": "embedding"}
+
+
+def parameters_by_module(model, rename: dict[str, str] | None = None) -> dict[str, int]:
+    """Parameter count per top-level submodule (``interactions``, ``products``, ...), names mapped by ``rename``."""
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        top = (rename or {}).get(top, top)
+        out[top] = out.get(top, 0) + int(p.numel())
+    return out
+
+
+def parameter_comparison(ours: dict[str, int] | None, peer: dict[str, int] | None) -> str:
+    """One sentence comparing per-module parameter counts of this project's model and mace-torch's (computed
+    from both models of the run; empty when either side is missing)."""
+    if not ours or not peer:
+        return ""
+    peer = {PEER_MODULE_NAMES.get(k, k): v for k, v in peer.items()}
+    names = sorted(set(ours) | set(peer))
+    differ = [f"`{n}` {ours.get(n, 0):,} vs {peer.get(n, 0):,}" for n in names if ours.get(n, 0) != peer.get(n, 0)]
+    same = [f"`{n}`" for n in names if ours.get(n, 0) == peer.get(n, 0)]
+    total = f"{sum(ours.values()):,} vs {sum(peer.values()):,} parameters (this project vs mace-torch)"
+    if not differ:
+        return f"Parameters: {total}; every top-level module has the same count."
+    return (f"Parameters: {total}; modules that differ: {'; '.join(differ)}"
+            + (f"; same count: {', '.join(same)}." if same else "."))
+
+
 # ------------------------------------------------------------------------------------------------- data
 def read_3bpa_e0s(train_path: Path) -> dict[int, float]:
     """Isolated-atom energies from ``iso_atoms.xyz`` beside the 3BPA training file ({} if absent)."""

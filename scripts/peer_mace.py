@@ -169,7 +169,17 @@ def task_train(task: dict) -> dict:
     return {
         "step_times_s": times, "atoms_per_step": atoms, "structures_per_step": structures,
         "last_loss": loss, "num_parameters": sum(p.numel() for p in model.parameters()), "peak_rss_mb": peak_rss_mb(),
+        "parameters_by_module": parameters_by_module(model),
     }
+
+
+def parameters_by_module(model) -> dict:
+    """Parameter count per top-level submodule (mace-torch's names; bench_common maps them to ours)."""
+    out = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        out[top] = out.get(top, 0) + int(p.numel())
+    return out
 
 
 def make_calculator(model, dtype_name: str):
@@ -214,6 +224,7 @@ def task_calc(task: dict) -> dict:
         "call_times_s": times, "num_atoms": len(atoms), "energy": energy,
         "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "parameters_by_module": parameters_by_module(model),
     }
 
 

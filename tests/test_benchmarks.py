@@ -192,3 +192,26 @@ def test_bench_accuracy_smoke(tmp_path):
         assert rows["peer"]["status"] == "skipped" and payload["comparison"] is None
     assert "| side | epochs |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").is_file()
+
+
+def test_report_numbers_are_computed_not_remembered():
+    """Every training-throughput target names a row label that exists; the parameter sentence is computed from
+    both models' per-module counts (our model counted here); no fixed 'reference' value is left in the reports."""
+    import bench_train
+
+    from potentials.models import build_model
+    from tests.conftest import TINY_MODEL, TINY_STATS
+
+    labels = {v["label"] for v in bc.our_variants()}
+    assert set(bench_train.TARGETS) <= labels, set(bench_train.TARGETS) - labels
+    ours = bc.parameters_by_module(build_model(TINY_MODEL, TINY_STATS))
+    assert {"embedding", "interactions", "products", "readouts"} <= set(ours)
+    peer = {("node_embedding" if k == "embedding" else k): v for k, v in ours.items()}
+    assert "every top-level module has the same count" in bc.parameter_comparison(ours, peer)
+    peer["products"] += 7
+    sentence = bc.parameter_comparison(ours, peer)
+    assert f"`products` {ours['products']:,} vs {ours['products'] + 7:,}" in sentence and "`embedding`" in sentence
+    assert bc.parameter_comparison(ours, None) == ""
+    for script in ("bench_accuracy.py", "bench_train.py"):
+        text = (REPO / "scripts" / script).read_text()
+        assert "37.0" not in text and "70,544" not in text and "72,848" not in text

@@ -173,11 +173,62 @@ def test_ddp_two_processes_matches_one_process(uniform_data, tmp_path):
     assert a["global_step"] == b["global_step"]
     for name in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], rtol=1e-6, atol=1e-9)
-    # the DDP run resumes from its own checkpoint and continues
-    r = subprocess.run(train_cmd(uniform_data, ddp, *ddp_args[:-4], "trainer.max_epochs=3", *ddp_args[-4:]),
-                       env=run_env(), capture_output=True, text=True, timeout=600)
+    # resuming DDP runs: test_ddp_interrupted_shuffled_run_resumes_bit_identical
+
+
+@pytest.fixture(scope="module")
+def unequal_data(tmp_path_factory):
+    """22 Cu–Au structures of 4, 8 or 12 atoms (unequal sizes: per-rank batches differ in atoms and edges)."""
+    import ase.io
+    import numpy as np
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(1)
+    frames = []
+    for i in range(22):
+        atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((1, 1, 1 + i % 3))
+        atoms.numbers[rng.permutation(len(atoms))[: 1 + i % 3]] = 79
+        atoms.rattle(0.08, seed=100 + i)
+        atoms.calc = EMT()
+        e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        atoms.calc = SinglePointCalculator(atoms, energy=e, forces=f, stress=s)
+        frames.append(atoms)
+    path = tmp_path_factory.mktemp("unequal") / "unequal.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def test_ddp_interrupted_shuffled_run_resumes_bit_identical(unequal_data, tmp_path):
+    """2 processes (gloo), shuffled unequal-size data, and a callback that draws from every rank's global RNG
+    each step (tests/rng_probe.py): SIGUSR1 mid-epoch, rerun → bit-identical raw and EMA weights to an
+    uninterrupted run. Needs each rank's own RNG state in the checkpoint, not only rank 0's."""
+    from tests.rng_probe import ENV_VAR, write_entry_point
+
+    entry = write_entry_point(tmp_path / "entry_points")
+    env = run_env(**{ENV_VAR: "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(entry)])})
+    args = ["data.shuffle=true", "trainer.max_epochs=3", "trainer.strategy=ddp", "trainer.devices=2",
+            "trainer.accelerator=cpu", "checkpoint.every_n_train_steps=1", "checkpoint.keep_step_checkpoints=1"]
+    reference = tmp_path / "reference"
+    r = subprocess.run(train_cmd(unequal_data, reference, *args), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert final_state(ddp)["global_step"] == 3 * a["global_step"] // 2
+    ckpt = final_state(reference)
+    assert sorted(ckpt["rng_states"]) == [0, 1]  # both ranks' states reach the file
+    assert not torch.equal(ckpt["rng_states"][0]["torch"], ckpt["rng_states"][1]["torch"])
+
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(train_cmd(unequal_data, run_dir, *args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for("step-0000000[6-9].ckpt", run_dir, proc)  # inside epoch 2 (4 steps per epoch: 16 frames / 2 ranks / 2)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    preempt = torch.load(run_dir / "checkpoints" / "preempt.ckpt", weights_only=False)
+    assert 6 <= preempt["global_step"] < 12, preempt["global_step"]
+    r = subprocess.run(train_cmd(unequal_data, run_dir, *args), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(final_state(run_dir), ckpt)
 
 
 def test_precisions_agree(tiny_model, periodic_atoms, tiny_model_cfg, capsys):

@@ -326,3 +326,44 @@ def test_calculator_can_change_the_mixer_grid_at_inference(facet, periodic_atoms
     assert rel(e_fine, e_default) < 1e-6
     with pytest.raises(PotentialsError, match="channels"):
         model_from_checkpoint(path, channels=8)
+
+
+FACET_TRAINED_EQUIVARIANCE_BOUND = 1e-6  # relative force error; stated in README.md (Facet)
+
+
+def test_facet_equivariance_after_training(demo_file, periodic_atoms, molecule_atoms):
+    """After 30 Adam steps (lr 0.01) on demo data, at the default grid, the trained Facet model's forces rotate
+    with the structure to within FACET_TRAINED_EQUIVARIANCE_BOUND (rotations and a reflection, periodic and
+    molecular), i.e. training has not pushed the sphere-grid features into the aliasing regime."""
+    from potentials.train.datamodule import PotentialDataModule
+    from potentials.train.module import PotentialModule
+
+    torch.manual_seed(0)
+    dm = PotentialDataModule([demo_file], r_max=TINY_FACET["r_max"], batch_size=4, seed=0)
+    dm.setup()
+    module = PotentialModule(TINY_FACET, dm.statistics(), loss={"energy": 1, "forces": 10, "stress": 100},
+                             optim={"lr": 0.01})
+    optimizer = module.configure_optimizers()["optimizer"]
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    batches = iter(dm.train_dataloader())
+    for _ in range(30):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(dm.train_dataloader())
+            batch = next(batches)
+        optimizer.zero_grad()
+        module.loss_fn(module(batch, training=True), batch).backward()
+        optimizer.step()
+    model = module.model.eval()
+    moved = max(float((v - initial[k]).abs().max()) for k, v in model.state_dict().items() if v.is_floating_point() and v.numel())
+    assert moved > 0.05  # the weights really changed
+    worst = 0.0
+    for atoms in (periodic_atoms, molecule_atoms):
+        ref = evaluate(model, [atoms], stress=False)
+        for seed, reflect in ((21, False), (22, False), (23, True)):
+            q = random_orthogonal(seed, reflect)
+            out = evaluate(model, [transformed(atoms, q, np.zeros(3), np.arange(len(atoms)))], stress=False)
+            worst = max(worst, rel(out["forces"], ref["forces"] @ torch.from_numpy(q).T))
+    print(f"\ntrained Facet: max relative force equivariance error {worst:.2e}")
+    assert worst < FACET_TRAINED_EQUIVARIANCE_BOUND

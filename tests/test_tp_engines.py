@@ -298,15 +298,17 @@ def test_weights_transfer_between_gaunt_engines(tmp_path, periodic_atoms):
 
 
 def test_auto_builds_and_picks_an_exact_engine(caplog, periodic_atoms):
-    from potentials.nn.tp.auto import auto_choices, clear_cache
+    from potentials.nn.tp.auto import CANDIDATES, auto_choices, clear_cache
+
+    assert set(CANDIDATES) == {"gaunt_grid", "gaunt_fft", "cg"}  # every exact kernel for the Gaunt weights
 
     clear_cache()
     with caplog.at_level("INFO", logger="potentials.nn.tp"):
         model = _model("auto", seed=5)
     kernels = [m for m in model.modules() if hasattr(m, "engine_choice")]
-    assert kernels and all(k.engine_choice in GAUNT for k in kernels)
+    assert kernels and all(k.engine_choice in CANDIDATES for k in kernels)
     timed = [v for v in auto_choices().values() if v["ms"]]
-    assert timed and all(set(v["ms"]) == set(GAUNT) and v["choice"] in GAUNT for v in timed)
+    assert timed and all(set(v["ms"]) == set(CANDIDATES) and v["choice"] in CANDIDATES for v in timed)
     assert "tp=auto" in caplog.text and "edge product" in caplog.text  # timing table and path audit logged
     grid = _model("gaunt_grid", seed=6)
     grid.load_state_dict(model.state_dict())
@@ -322,3 +324,30 @@ def test_gaunt_preset_config_matches_cg_preset():
     gaunt = yaml.safe_load((REPO / "configs/model/mace_gaunt.yaml").read_text())
     assert list(gaunt) == list(cg) and gaunt["tp"] == "gaunt_grid"
     assert {k: v for k, v in gaunt.items() if k != "tp"} == {k: v for k, v in cg.items() if k != "tp"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_auto_times_in_the_model_dtype_and_each_candidate_is_exact(dtype, periodic_atoms, monkeypatch):
+    """auto's timing runs in the dtype of the model being built (not torch's default, float64 in this file), and
+    every candidate, the dense coupling-tensor one ('cg') included, gives the gaunt_grid model's energy/forces."""
+    import potentials.nn.tp.base as base
+    from potentials.nn.tp.auto import CANDIDATES, AutoEngine, auto_choices, clear_cache
+
+    clear_cache()
+    torch.manual_seed(5)
+    build_model(dict(TINY_MODEL, tp="auto", dtype=dtype), TINY_STATS)
+    keys = [k for k, v in auto_choices().items() if v["ms"]]
+    assert keys and {k[2] for k in keys} == {dtype}
+    if dtype == "float32":
+        return
+    grid = _model("gaunt_grid", seed=6)
+    ref = evaluate(grid, [periodic_atoms], stress=False)
+    for name in CANDIDATES:  # force each candidate in turn
+        clear_cache()
+        monkeypatch.setitem(base._ENGINES, "auto", lambda name=name: AutoEngine(candidates=(name,), rows=8, repeats=1))
+        model = _model("auto", seed=5)
+        assert {m.engine_choice for m in model.modules() if hasattr(m, "engine_choice")} == {name}
+        model.load_state_dict(grid.state_dict())
+        out = evaluate(model, [periodic_atoms], stress=False)
+        assert (out["energy"] - ref["energy"]).abs().max() < 1e-9, name
+        assert (out["forces"] - ref["forces"]).abs().max() < 1e-9, name

@@ -10,6 +10,7 @@ from potentials.errors import PotentialsError
 from potentials.models.derivatives import energy_forces_stress  # noqa: F401
 from potentials.models.facet import Facet
 from potentials.models.mace import MACE
+from potentials.nn.tp.auto import timing_dtype
 
 MODELS: dict[str, Callable[..., torch.nn.Module]] = {"mace": MACE, "facet": Facet}
 
@@ -30,7 +31,8 @@ def build_model(cfg: dict[str, Any], stats: dict[str, Any]) -> torch.nn.Module:
     e0s = {int(k): float(v) for k, v in stats.get("e0s", {}).items()}
     kwargs = {k: stats[k] for k in ("avg_num_neighbors", "scale", "shift") if k in stats}
     try:
-        model = MODELS[name](list(stats["atomic_numbers"]), e0s, **kwargs, **cfg)
+        with timing_dtype(DTYPES[dtype]):  # tp=auto times its candidates in the model's dtype
+            model = MODELS[name](list(stats["atomic_numbers"]), e0s, **kwargs, **cfg)
     except TypeError as exc:
         raise PotentialsError(f"bad option for model {name!r}: {exc}") from exc
     return model.to(DTYPES[dtype])

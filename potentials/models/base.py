@@ -20,7 +20,14 @@ except ImportError:  # pragma: no cover
 
 
 class PotentialModel(torch.nn.Module):
-    """Base class: element table ``atomic_numbers`` and isolated-atom energies ``e0s`` (eV, float64)."""
+    """Base class: element table ``atomic_numbers`` and isolated-atom energies ``e0s`` (eV, float64).
+
+    Energy constants stay float64 in every model dtype: buffers named in ``float64_buffers`` of this model or
+    of any submodule (``e0s`` here, ``scale``/``shift`` of :class:`~potentials.nn.blocks.ScaleShift`) follow
+    device moves but never dtype casts (``model.to(torch.float32)``, ``.float()``, precision plugins).
+    """
+
+    float64_buffers: tuple[str, ...] = ("e0s",)
 
     def __init__(self, atomic_numbers: list[int], e0s: dict[int, float] | None = None):
         super().__init__()
@@ -30,6 +37,20 @@ class PotentialModel(torch.nn.Module):
         self.register_buffer("z_to_index", table, persistent=False)
         e0 = torch.tensor([float((e0s or {}).get(z, 0.0)) for z in self.atomic_numbers], dtype=torch.float64)
         self.register_buffer("e0s", e0)
+
+    def _apply(self, fn, recurse=True):
+        kept = [
+            (module, name, module._buffers[name])
+            for module in self.modules()
+            for name in getattr(module, "float64_buffers", ())
+            if module._buffers.get(name) is not None
+        ]
+        super()._apply(fn, recurse)
+        for module, name, before in kept:
+            after = module._buffers[name]
+            if after.dtype != torch.float64:  # a dtype cast: keep the exact float64 values, on the new device
+                module._buffers[name] = before.to(device=after.device)
+        return self
 
     @property
     def num_elements(self) -> int:

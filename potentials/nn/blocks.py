@@ -129,8 +129,11 @@ class NonLinearReadout(torch.nn.Module):
 class ScaleShift(torch.nn.Module):
     """Per-element affine map of atomic energies: E_i ← scale[z_i] · E_i + shift[z_i] (eV).
 
-    Initialised from dataset statistics (force RMS, mean interaction energy per atom); stored in float64.
+    Initialised from dataset statistics (force RMS, mean interaction energy per atom); stored and applied in
+    float64 (output [n] float64; a model keeps ``float64_buffers`` float64 under dtype casts).
     """
+
+    float64_buffers = ("scale", "shift")
 
     def __init__(self, num_elements: int, scale: float = 1.0, shift: float = 0.0):
         super().__init__()
@@ -138,4 +141,4 @@ class ScaleShift(torch.nn.Module):
         self.register_buffer("shift", torch.full((num_elements,), float(shift), dtype=torch.float64))
 
     def forward(self, energy: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        return self.scale[species].to(energy.dtype) * energy + self.shift[species].to(energy.dtype)
+        return self.scale[species] * energy.to(torch.float64) + self.shift[species]

@@ -9,7 +9,8 @@ Policy (see ``docs/cluster.md``):
 * the signal handler only sets a flag; at the next step boundary every rank saves ``preempt.ckpt``
   atomically, rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` (when under SLURM and requeue is enabled), and
   the run stops cleanly;
-* RNG states (torch, numpy, python; per rank) are saved in every checkpoint and restored at train start.
+* RNG states (torch, numpy, python; every rank's, gathered to rank 0) are saved in every checkpoint and each
+  rank restores its own at train start.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def resolve_latest(run_dir: str | os.PathLike) -> Path | None:
 
 
 class RNGStateCallback(pl.Callback):
-    """Save this rank's RNG states in every checkpoint; restore them at train start (after the loaders
-    are built, so a resumed run draws the same random numbers as an uninterrupted one)."""
+    """Save every rank's RNG states (torch, numpy, python; CUDA where present) in every checkpoint:
+    ``checkpoint["rng_states"] = {rank: states}``, gathered to rank 0, which alone writes the file. Each rank
+    restores its own at train start (after the loaders are built, so a resumed run draws the same random numbers
+    as an uninterrupted one). A rank without saved states (the world size changed) keeps its seeded RNG, with a
+    warning."""
 
     def __init__(self):
         self._pending: dict[str, Any] | None = None
@@ -77,10 +81,23 @@ class RNGStateCallback(pl.Callback):
         return "RNGStateCallback"
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint.setdefault("rng_states", {})[trainer.global_rank] = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        # every rank builds the checkpoint dict (Trainer.save_checkpoint), so this collective runs on all ranks
+        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states"] = dict(enumerate(gathered))
+        else:
+            checkpoint["rng_states"] = {trainer.global_rank: states}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        self._pending = checkpoint.get("rng_states", {}).get(trainer.global_rank)
+        saved = checkpoint.get("rng_states", {})
+        self._pending = saved.get(trainer.global_rank)
+        if self._pending is None and saved:
+            log.warning(
+                "rank %d: no RNG state in the checkpoint (saved ranks %s); continuing with the seeded RNG",
+                trainer.global_rank, sorted(saved),
+            )
 
     def on_train_start(self, trainer, pl_module):
         if self._pending is not None:

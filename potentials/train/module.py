@@ -8,6 +8,7 @@ validation and saved checkpoints use the averaged weights.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +20,9 @@ from potentials.models import build_model
 from potentials.models.compiled import compiled_or_eager
 from potentials.train.loss import ErrorAccumulator, WeightedLoss
 
+log = logging.getLogger("potentials")
+NONFINITE = ("stop", "skip")
+
 
 class PotentialModule(pl.LightningModule):
     """Training wrapper.
@@ -29,6 +33,9 @@ class PotentialModule(pl.LightningModule):
         loss: loss weights ``{energy, forces, stress}``.
         optim: ``{name: adam|adamw, lr, weight_decay, amsgrad}``.
         scheduler: ``{name: plateau|cosine|none, ...}``; cosine needs ``t_max`` (epochs).
+        nonfinite: what a NaN/inf training loss or gradient does: ``stop`` (raise :class:`PotentialsError`
+            before anything is saved, so the last good checkpoint stays) or ``skip`` (drop that optimizer step,
+            warn, count it in ``skipped_steps``). All DDP ranks take the same decision.
     """
 
     def __init__(
@@ -38,9 +45,13 @@ class PotentialModule(pl.LightningModule):
         loss: dict[str, float] | None = None,
         optim: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
+        nonfinite: str = "stop",
     ):
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise PotentialsError(f"nonfinite must be one of {list(NONFINITE)}, got {nonfinite!r}")
         self.save_hyperparameters()
+        self.nonfinite, self.skipped_steps = nonfinite, 0
         self.model = build_model(model_cfg, stats)
         # model.compile=true: energy -> forces/stress traced into one graph and compiled (potentials.models.compiled);
         # parameters are graph inputs, so their gradients reach the live weights (optimiser, EMA, DDP unchanged)
@@ -48,16 +59,27 @@ class PotentialModule(pl.LightningModule):
         self.loss_fn = WeightedLoss(**(loss or {}))
         self.optim_cfg = {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "amsgrad": True, **(optim or {})}
         self.sched_cfg = {"name": "plateau", "factor": 0.8, "patience": 5, **(scheduler or {})}
-        self.want_stress = (loss or {}).get("stress", 0.0) > 0
+        self.stress_in_loss = self.loss_fn.coeffs["stress"] > 0
         self.metrics = {"train": ErrorAccumulator(), "val": ErrorAccumulator()}
 
+    def needs_stress(self, graph: AtomicGraph, training: bool) -> bool:
+        """The strain derivative (and in training its double backward) only for a batch with a stress label;
+        in training only when the loss weighs stress (validation reports it whenever labels exist)."""
+        has_label = "stress" in graph and bool((graph["stress_weight"] > 0).any())
+        return has_label and (self.stress_in_loss or not training)
+
     def forward(self, graph: AtomicGraph, training: bool = False) -> dict[str, torch.Tensor]:
-        stress = self.want_stress or ("stress" in graph and bool((graph["stress_weight"] > 0).any()))
+        stress = self.needs_stress(graph, training)
         return self.compiled(graph, forces=True, stress=stress, training=training)
 
-    def _step(self, graph: AtomicGraph, stage: str) -> torch.Tensor:
+    def _predict_and_loss(self, graph: AtomicGraph, stage: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         pred = self(graph, training=stage == "train")
-        loss = self.loss_fn(pred, graph)
+        return pred, self.loss_fn(pred, graph)
+
+    def _step(self, graph: AtomicGraph, stage: str, batch_idx: int = -1) -> torch.Tensor | None:
+        pred, loss = self._predict_and_loss(graph, stage)
+        if stage == "train" and self._nonfinite("loss", bool(torch.isfinite(loss.detach()).all()), batch_idx):
+            return None  # skipped: neither the metrics nor the logged loss see it
         self.metrics[stage].update(pred, graph)
         self.log(
             f"{stage}_loss", loss.detach(), batch_size=graph.num_graphs, prog_bar=True, on_step=False, on_epoch=True,
@@ -65,8 +87,32 @@ class PotentialModule(pl.LightningModule):
         )
         return loss
 
-    def training_step(self, graph: AtomicGraph, batch_idx: int) -> torch.Tensor:
-        return self._step(graph, "train")
+    def training_step(self, graph: AtomicGraph, batch_idx: int) -> torch.Tensor | None:
+        return self._step(graph, "train", batch_idx)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.isfinite().all() for p in self.parameters() if p.grad is not None]
+        finite = bool(torch.stack(grads).all()) if grads else True  # one device sync per step
+        if self._nonfinite("gradient", finite, self.trainer.fit_loop.epoch_loop.batch_idx if self._trainer else -1):
+            for group in optimizer.param_groups:  # Adam leaves parameters without a gradient untouched
+                for p in group["params"]:
+                    p.grad = None
+
+    def _nonfinite(self, what: str, finite: bool, batch_idx: int) -> bool:
+        """True when this step must be skipped (``nonfinite=skip``); raises for ``stop``. Collective under DDP."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if finite:
+            return False
+        where = f"epoch {self.current_epoch}, batch {batch_idx}, global step {self.global_step}" if self._trainer else "step"
+        if self.nonfinite == "stop":
+            raise PotentialsError(
+                f"non-finite training {what} at {where}: training stopped, nothing saved after the last good "
+                "checkpoint (resume from it with a lower optim.lr, or set nonfinite=skip to skip such steps)"
+            )
+        self.skipped_steps += 1
+        log.warning("non-finite training %s at %s: step skipped (%d so far)", what, where, self.skipped_steps)
+        return True
 
     def validation_step(self, graph: AtomicGraph, batch_idx: int) -> None:
         with torch.enable_grad():

@@ -170,7 +170,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     else:
         stats = dm.statistics()
     module = PotentialModule(
-        model_cfg, stats, loss=_container(cfg.loss), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler)
+        model_cfg, stats, loss=_container(cfg.loss), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler),
+        nonfinite=str(cfg.get("nonfinite", "stop")),
     )
     ck = cfg.checkpoint
     callbacks = [
