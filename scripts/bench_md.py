@@ -63,22 +63,23 @@ def worker(task: dict) -> dict:
     atoms = ase.io.read(task["structure"], index=-1)
     atoms.calc = None
     mode = task.get("mode", "eager")
+    device = task.get("device", "cpu")
     export_s = None
     if mode == "export":  # AOTInductor package of this model, then run through it alone
         from potentials.models.export import export_model
 
         path = Path(bc.temp_dir()) / f"export-{os.getpid()}.pt2"
         t0 = time.perf_counter()
-        export_model(model, path)
+        export_model(model, path, device=device)
         export_s = time.perf_counter() - t0
-        calc = PotentialCalculator.from_exported(path)
+        calc = PotentialCalculator.from_exported(path, device=device)
     else:
-        calc = PotentialCalculator(model, compile=mode == "compile")
+        calc = PotentialCalculator(model, device=device, compile=mode == "compile")
     props = ["energy", "forces"] + (["stress"] if atoms.pbc.any() else [])
     rss_before = bc.rss_mb()
 
     def call():
-        calc.calculate(atoms, props, all_changes)
+        calc.calculate(atoms, props, all_changes)  # results are copied to numpy: the device is synchronised
 
     t0 = time.perf_counter()
     call()  # first call: includes tracing and compiling in compile mode
@@ -148,7 +149,8 @@ def run_cell(backend: dict, system: dict, dtype: str, args, repeat: int, warmup:
     if backend["side"] == "peer":
         return bc.run_peer({"kind": "calc", "hp": args.hp_values, **common}, timeout=args.cell_timeout_s)
     cfg, dropped = bc.model_config(backend["variant"], args.hp_values, dtype)
-    task = {"model_cfg": cfg, "profile": profile, "mode": backend["variant"].get("mode", "eager"), **common}
+    task = {"model_cfg": cfg, "profile": profile, "mode": backend["variant"].get("mode", "eager"), "device": args.device,
+            **common}
     out = bc.run_self_worker(SCRIPT, task, timeout=args.cell_timeout_s)
     if dropped:
         out["hp_not_taken"] = dropped
@@ -441,6 +443,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="float32", help="comma-separated (float32 is the issue's target)")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per row (default 5)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    p.add_argument("--device", default="cpu", help="this project's rows only (mace-torch runs on the CPU)")
     p.add_argument("--modes", default="eager", help="comma-separated: eager, compile, export (see bench_common.with_modes)")
     p.add_argument("--threads", type=int, default=bc.available_cores())
     p.add_argument("--seed", type=int, default=0)

@@ -100,9 +100,9 @@ def time_ours(variant: dict, dtype: str, data: dict, args, profile: bool = False
     stats = bc.make_stats(data["atomic_numbers"], data["avg_num_neighbors"], data["e0s"])
     torch.manual_seed(args.seed)
     module = PotentialModule(cfg, stats, loss={**LOSS, "stress": LOSS["stress"] if data["stress"] else 0.0})
-    module.train()
+    module.to(args.device).train()
     optimizer = torch.optim.Adam(module.parameters(), lr=0.01, amsgrad=True)
-    batches = batches_of(data["graphs"], args.batch_size)
+    batches = [b.to(args.device) for b in batches_of(data["graphs"], args.batch_size)]
 
     def step(graph):
         optimizer.zero_grad(set_to_none=True)
@@ -110,7 +110,7 @@ def time_ours(variant: dict, dtype: str, data: dict, args, profile: bool = False
         loss = module.loss_fn(pred, graph)
         loss.backward()
         optimizer.step()
-        return float(loss.detach())
+        return float(loss.detach())  # .item(): waits for the device
 
     t0 = time.perf_counter()
     for i in range(args.warmup):
@@ -324,6 +324,7 @@ def parse_args(argv=None):
     p.add_argument("--datasets", default="3bpa,demo")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 20; --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --quick 1)")
+    p.add_argument("--device", default="cpu", help="this project's rows only (mace-torch runs on the CPU)")
     p.add_argument("--modes", default="eager", help="comma-separated: eager, compile (model.compile=true)")
     p.add_argument("--batch-size", type=int, default=bc.REFERENCE_BATCH_SIZE)
     p.add_argument("--n-structures", type=int, default=None, help="structures per dataset (default 50; --quick 20)")
