@@ -97,7 +97,7 @@ def trace(
     from torch.fx.experimental.proxy_tensor import make_fx
 
     names, tensors = parameters_and_buffers(model)
-    inputs = graph_inputs(model, graph)
+    inputs = _trace_inputs(graph_inputs(model, graph), model)
 
     def run(*flat):
         g = AtomicGraph(zip(INPUT_KEYS, flat[: len(INPUT_KEYS)]))
@@ -110,13 +110,39 @@ def trace(
         return tuple(out[k] for k in ("energy", "forces", "stress") if k in out)
 
     args = inputs + (tensors if params_as_inputs else [])
-    with tracing(), _no_duck_shapes(), torch.enable_grad():  # under the caller's autocast: the backbone casts are recorded
+    with tracing(), torch.enable_grad():  # under the caller's autocast: the backbone casts are recorded
         gm = make_fx(
             run, decomposition_table=_decompositions(), tracing_mode="symbolic",
             _allow_non_fake_inputs=True, _error_on_data_dependent_ops=True,
         )(*args)
     _check_symbolic(gm, graph)
     return gm
+
+
+# Sizes of the synthetic inputs the graphs are traced on: primes that no weight dimension or fixed axis (2, 3)
+# equals, so that PyTorch's duck sizing gives exactly one symbol each to n, E and B (8 independent symbols — one
+# per input axis — made the symbolic-shape reasoning of the trace several times slower).
+TRACE_ATOMS, TRACE_EDGES, TRACE_STRUCTURES = 1009, 4001, 101
+
+
+def _trace_inputs(inputs: list[torch.Tensor], model: torch.nn.Module) -> list[torch.Tensor]:
+    """Inputs of the same dtypes, devices and structure (B = 1 stays 1) as ``inputs`` but of the sizes above.
+    Only their sizes matter to the trace (no value reaches Python); the values are still valid indices."""
+    g = dict(zip(INPUT_KEYS, inputs))
+    n, e = TRACE_ATOMS, TRACE_EDGES
+    b = 1 if g["num_atoms"].shape[0] == 1 else TRACE_STRUCTURES
+    pos, cell = g["positions"], g["cell"]
+    out = {
+        "positions": torch.zeros((n, 3), dtype=pos.dtype, device=pos.device),
+        "cell": torch.zeros((b, 3, 3), dtype=cell.dtype, device=cell.device),
+        "pbc": torch.zeros((b, 3), dtype=g["pbc"].dtype, device=pos.device),
+        "species": torch.arange(n, device=pos.device) % max(int(model.num_elements), 1),
+        "edge_index": torch.stack([torch.arange(e, device=pos.device) % n, (torch.arange(e, device=pos.device) + 1) % n]),
+        "shifts": torch.zeros((e, 3), dtype=g["shifts"].dtype, device=pos.device),
+        "batch": torch.arange(n, device=pos.device) % b,
+        "num_atoms": torch.zeros((b,), dtype=g["num_atoms"].dtype, device=pos.device),
+    }
+    return [out[k] for k in INPUT_KEYS]
 
 
 def _check_symbolic(gm: torch.fx.GraphModule, graph: AtomicGraph) -> None:
@@ -214,6 +240,14 @@ class CompiledPotential:
         t0 = time.perf_counter()
         gm = trace(self.model, graph, forces=forces, stress=stress, params_as_inputs=self.params_as_inputs)
         fn = gm if self.backend is None else torch.compile(gm, backend=self.backend, dynamic=True)
+        if self.backend is not None:
+            # compile on the synthetic prime-sized inputs of the trace, so that no size coincidence of the first
+            # real batch (e.g. B = 2 = edge_index.shape[0]) becomes a guard that a later batch fails (a recompile)
+            args = _trace_inputs(graph_inputs(self.model, graph), self.model)
+            if self.params_as_inputs:
+                args = args + parameters_and_buffers(self.model)[1]
+            with torch.autocast(graph["positions"].device.type, enabled=False), _no_duck_shapes():  # same grad mode
+                fn(*args)
         self._cache[key] = fn
         t1 = time.perf_counter()
         self._pending = (key, t0, t1)
