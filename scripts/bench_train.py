@@ -112,7 +112,7 @@ def time_ours(variant: dict, dtype: str, data: dict, args, profile: bool = False
         optimizer.step()
         return float(loss.detach())  # .item(): waits for the device
 
-    t0 = time.perf_counter()
+    t0, first_step_s = time.perf_counter(), None
     for i in range(args.warmup):
         step(batches[i % len(batches)])
         if i == 0:

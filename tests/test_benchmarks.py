@@ -99,7 +99,7 @@ def test_bench_train_smoke(tmp_path):
         assert r["batch_size"] == 5
         if r["side"] == "ours" and PEER:
             positive(r, "ratio_vs_peer")
-            assert r["target_ratio"] == 1.0 and isinstance(r["target_met"], bool)
+            assert r["target_ratio"] == 2.0 and isinstance(r["target_met"], bool)
     if not HAS_3BPA:
         assert any(r["dataset"] == "3bpa" and r["status"] == "skipped" for r in rows)
     assert "| dataset | dtype | backend |" in out.with_suffix(".md").read_text()

@@ -11,7 +11,7 @@ import torch
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
     """Sum rows of ``src`` [E, ...] into ``dim_size`` bins given by ``index`` [E]."""
     out = torch.zeros((dim_size, *src.shape[1:]), dtype=src.dtype, device=src.device)
-    return out.index_add_(0, index, src)
+    return out.index_add(0, index, src)  # out of place: torch.func.vmap (committees) rejects the in-place form
 
 
 _FUSED_INFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("potentials_fused_inference", default=False)
