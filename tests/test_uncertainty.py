@@ -100,6 +100,44 @@ def test_committee_results_match_members(ckpts, periodic_atoms):
         plain.calc.get_property("forces_std", plain)
 
 
+@pytest.mark.parametrize("stored", [True, False])
+def test_committee_members_equal_single_model_calls(ckpts, periodic_atoms, monkeypatch, stored):
+    """The committee's member pass (elements validated once, stored or fused kernels) gives every member exactly
+    the energy/forces/stress of its own single-model call (float64, 1e-10), and mean/std follow from them."""
+    from potentials.data.neighbors import atoms_to_graph
+    from potentials.models import energy_forces_stress
+    from potentials.nn.ops import fused_inference
+    from potentials.uncertainty import committee as cm
+
+    monkeypatch.setattr(cm, "STORED_MAX_EDGES", 10**9 if stored else -1)
+    committee = cm.Committee.from_checkpoints(ckpts)
+    g = atoms_to_graph(periodic_atoms, committee.r_max, where="test")
+    g["batch"] = torch.zeros(len(periodic_atoms), dtype=torch.long)
+    out = committee.evaluate(g, stress=True)
+    with fused_inference():
+        singles = [energy_forces_stress(m, g, forces=True, stress=True) for m in committee.members]
+    for key in ("energy", "forces", "stress"):
+        ref = torch.stack([s[key].detach() for s in singles])
+        assert out[f"{key}_ensemble"].shape == ref.shape
+        torch.testing.assert_close(out[f"{key}_ensemble"], ref, atol=1e-10, rtol=0)
+        torch.testing.assert_close(out[key], ref.mean(0), atol=1e-10, rtol=0)
+    torch.testing.assert_close(out["energy_std"], torch.stack([s["energy"] for s in singles]).detach().std(0), atol=1e-10, rtol=0)
+    assert float(out["forces_std"].max()) > 0  # distinct seeds: a real spread
+
+
+def test_committee_rejects_unknown_elements_once(ckpts, periodic_atoms):
+    from potentials.data.neighbors import atoms_to_graph
+    from potentials.errors import PotentialsError
+    from potentials.uncertainty.committee import Committee
+
+    atoms = periodic_atoms.copy()
+    atoms.numbers[0] = 8
+    g = atoms_to_graph(atoms, 4.0, where="test")
+    g["batch"] = torch.zeros(len(atoms), dtype=torch.long)
+    with pytest.raises(PotentialsError, match="not in the model's element table"):
+        Committee.from_checkpoints(ckpts).evaluate(g)
+
+
 def test_identical_committee_has_zero_spread(ckpts, periodic_atoms):
     from potentials.calculator import PotentialCalculator
 
