@@ -28,6 +28,7 @@ if absent).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -237,12 +238,15 @@ def timings(ckpts, args) -> list[dict]:
 
 
 COST_LEGEND = (
-    "`committee_N`: the calculator with N members (elements validated once, members one after the other, each "
-    "with stored intermediates up to 5,000 edges; `potentials.uncertainty.committee`); "
-    "`members_one_by_one_fused_N`: the members through `energy_forces_stress` inside `fused_inference` (no ASE "
-    "overhead); `members_one_pass_fused_N`: the earlier committee path (each member its own leaf positions, one "
-    "backward of Σ E_m, fused kernels; no ASE overhead); `plain_stored`: one model without the fused kernels (graph "
-    "built, no ASE overhead)."
+    "`committee_N`: the calculator with N members as shipped (`potentials.uncertainty.committee`, strategy \"auto\": "
+    "elements validated once, then the fastest of the strategies below that this model allows, timed on its first "
+    "calls at each size); `committee_N_fused` / `_stored` / `_vmap`: `Committee.evaluate` with that strategy (graph "
+    "built, no ASE overhead): members one by one inside `fused_inference`, members one by one with stored "
+    "intermediates, or one `torch.func.vmap` pass over the stacked weights (in this row only, `scatter_sum` is "
+    "swapped for an out-of-place copy that vmap accepts; without it the calculator cannot use vmap); "
+    "`members_one_by_one_fused_N` = `committee_N_fused` without the committee wrapper; `members_one_pass_fused_N`: "
+    "the earlier committee path (each member its own leaf positions, one backward of Σ E_m, fused kernels); "
+    "`plain_stored`: one model without the fused kernels (graph built, no ASE overhead)."
 )
 
 
@@ -253,6 +257,26 @@ def one_pass_fused(members, g, stress):
 
     with fused_inference():
         return members_one_pass(members, g, stress)
+
+
+@contextlib.contextmanager
+def out_of_place_scatter():
+    """For the ``committee_N_vmap`` row only: ``scatter_sum`` with an out-of-place ``index_add`` (same numbers), which
+    ``torch.func.vmap`` accepts; this branch's in-place one makes the committee fall back to one member at a time."""
+    import torch
+
+    import potentials.models.base as mb
+    import potentials.nn.tp.base as tb
+
+    def scatter_sum(src, index, dim_size):
+        return torch.zeros((dim_size, *src.shape[1:]), dtype=src.dtype, device=src.device).index_add(0, index, src)
+
+    saved = tb.scatter_sum, mb.scatter_sum
+    tb.scatter_sum = mb.scatter_sum = scatter_sum
+    try:
+        yield
+    finally:
+        tb.scatter_sum, mb.scatter_sum = saved
 
 
 ARCHS = {  # --cost-only architectures (MACE, cg engine, float64)
@@ -291,7 +315,7 @@ def cost_only(args) -> list[dict]:
     from potentials.calculator import PotentialCalculator
     from potentials.data.neighbors import atoms_to_graph
     from potentials.models import build_model, energy_forces_stress
-    from potentials.uncertainty.committee import Committee, members_sequential
+    from potentials.uncertainty.committee import AUTO_TRIALS, Committee
 
     stats = dict(atomic_numbers=[1, 6, 7, 8, 29, 79], e0s={}, avg_num_neighbors=12.0, scale=1.0, shift=0.0)
     rows, n = [], args.members
@@ -312,11 +336,23 @@ def cost_only(args) -> list[dict]:
                 return g
 
             g = graph()
+            by = {k: Committee(members, strategy=k) for k in ("fused", "stored", "vmap")}
+
+            def vmapped():
+                with out_of_place_scatter():
+                    return by["vmap"].evaluate(graph(), stress=periodic)
+
             fns = {"plain": lambda: plain.calculate(atoms, props, all_changes),
                    "plain_stored": lambda: energy_forces_stress(members[0], graph(), forces=True, stress=periodic),
                    f"committee_{n}": lambda: comm.calculate(atoms, props, all_changes),
-                   f"members_one_by_one_fused_{n}": lambda: members_sequential(members, graph(), stress=periodic, fused=True),
+                   f"committee_{n}_fused": lambda: by["fused"].evaluate(graph(), stress=periodic),
+                   f"committee_{n}_stored": lambda: by["stored"].evaluate(graph(), stress=periodic),
+                   f"committee_{n}_vmap": vmapped,
                    f"members_one_pass_fused_{n}": lambda: one_pass_fused(members, graph(), periodic)}
+            comm.estimator.choice.clear()
+            for _ in range(3 * AUTO_TRIALS):  # the committee's own choice of strategy, before the warm-up
+                fns[f"committee_{n}"]()
+            chosen = dict(comm.estimator.choice)
             for fn in fns.values():
                 time_calls(fn, args.warmup, 0)
             times = {k: [] for k in fns}
@@ -326,7 +362,7 @@ def cost_only(args) -> list[dict]:
             st = {k: timing_stats(v) for k, v in times.items()}
             for k, v in st.items():
                 rows.append({"arch": arch, "structure": name, "n_atoms": len(atoms), "n_edges": int(g["edge_index"].shape[1]),
-                             "variant": k, **v, "ratio_median": v["median_s"] / st["plain"]["median_s"],
+                             "variant": k, **v, "auto_choice": list(chosen.values()), "ratio_median": v["median_s"] / st["plain"]["median_s"],
                              "ratio_min": v["min_s"] / st["plain"]["min_s"]})
             print(f"{arch} {name}: " + ", ".join(f"{k} {1e3 * v['min_s']:.1f} ms" for k, v in st.items()), flush=True)
     return rows
@@ -346,10 +382,12 @@ def cost_markdown(p: dict) -> str:
         "Per call: energy and forces (and stress for the periodic cell). Ratios to the plain calculator call.", "",
         "## Committee / one model", "",
         markdown_table(["arch", "structure", "atoms", "edges", "plain min ms", f"committee_{n} / plain (median)",
-                        f"committee_{n} / plain (min)", "target"],
+                        f"committee_{n} / plain (min)", "target", "auto chose",
+                        f"vmap / plain (min)"],
                        [(a, s, t[(a, s, "plain")]["n_atoms"], t[(a, s, "plain")]["n_edges"], 1e3 * t[(a, s, "plain")]["min_s"],
                          t[(a, s, f"committee_{n}")]["ratio_median"], t[(a, s, f"committee_{n}")]["ratio_min"],
-                         "≤ 2.5 " + ("met" if t[(a, s, f"committee_{n}")]["ratio_min"] <= 2.5 else "**not met**"))
+                         "≤ 2.5 " + ("met" if t[(a, s, f"committee_{n}")]["ratio_min"] <= 2.5 else "**not met**"),
+                         ", ".join(t[(a, s, "plain")]["auto_choice"]), t[(a, s, f"committee_{n}_vmap")]["ratio_min"])
                         for a, s in keys]),
         "", "## All options", "",
         markdown_table(["arch", "structure", "variant", "median ms", "min ms", "ratio (median)", "ratio (min)"],
