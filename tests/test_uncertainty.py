@@ -143,8 +143,7 @@ def test_committee_strategies_equal_single_model_calls(ckpts, periodic_atoms, mo
         _out_of_place_scatter(monkeypatch)
     committee = Committee.from_checkpoints(ckpts, strategy=strategy)
     _committee_vs_singles(committee, periodic_atoms)
-    if strategy == "vmap":  # the batched pass really ran (no fallback)
-        assert committee._vmap_ok and committee._stacked is not None
+    assert committee.last_strategy == strategy  # (for vmap: the batched pass really ran, no fallback)
 
 
 def test_committee_vmap_falls_back_when_the_model_cannot_be_vmapped(ckpts, periodic_atoms, caplog):
@@ -154,8 +153,23 @@ def test_committee_vmap_falls_back_when_the_model_cannot_be_vmapped(ckpts, perio
     committee = Committee.from_checkpoints(ckpts, strategy="vmap")
     with caplog.at_level("WARNING", logger="potentials.uncertainty.committee"):
         _committee_vs_singles(committee, periodic_atoms, calls=2)
-    assert not committee._vmap_ok
+    assert not committee._vmap_ok and committee.last_strategy == "stored"
     assert sum("one batched (vmap) pass not possible" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_facet_committee_is_exact_and_falls_back_from_vmap(periodic_atoms):
+    """Facet members (whose custom autograd kernels vmap cannot batch): "auto" drops vmap and stays exact."""
+    from potentials.models import build_model
+    from potentials.uncertainty.committee import Committee
+    from tests.test_facet import TINY_FACET
+
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(build_model(dict(TINY_FACET), TINY_STATS).eval())
+    committee = Committee(members)
+    _committee_vs_singles(committee, periodic_atoms, calls=3)  # fused, stored, then vmap is tried
+    assert not committee._vmap_ok
 
 
 def test_committee_auto_picks_a_strategy_after_timing_each(ckpts, periodic_atoms, monkeypatch):

@@ -30,6 +30,7 @@ import glob
 import logging
 import os
 import time
+import warnings
 from typing import Sequence
 
 import torch
@@ -84,7 +85,7 @@ class Committee(torch.nn.Module):
         self.strategy = strategy
         self.same_architecture = same_architecture(members)
         self._vmap_ok = self.same_architecture  # False once vmap rejected the model
-        self._stacked = None  # (params, buffers) stacked along the member axis, built at the first vmapped call
+        self.last_strategy: str | None = None  # the strategy of the latest call
         self._trials: dict[tuple, dict[str, list[float]]] = {}
         self.choice: dict[tuple, str] = {}  # "auto": size bucket → fastest strategy
 
@@ -106,7 +107,8 @@ class Committee(torch.nn.Module):
             graph = graph.replace(species=self.members[0].species(graph["numbers"]))
         candidates = self.candidates(graph)
         if self.strategy != "auto":
-            return self._run(self.strategy if self.strategy in candidates else candidates[0], graph, stress)
+            fallback = "stored" if "stored" in candidates else "fused"
+            return self._run(self.strategy if self.strategy in candidates else fallback, graph, stress)
         key = (graph["positions"].shape[0].bit_length(), graph["edge_index"].shape[1].bit_length(), bool(stress))
         if key in self.choice and self.choice[key] in candidates:
             return self._run(self.choice[key], graph, stress)
@@ -129,16 +131,16 @@ class Committee(torch.nn.Module):
 
     def _run(self, name: str, graph: AtomicGraph, stress: bool) -> dict[str, torch.Tensor]:
         members = list(self.members)
+        self.last_strategy = name
         if name == "vmap":
-            if self._stacked is None:
-                from torch.func import stack_module_state
+            from torch.func import stack_module_state
 
-                params, buffers = stack_module_state(members)
-                self._stacked = ({k: v.detach() for k, v in params.items()}, buffers)
+            params, buffers = stack_module_state(members)  # stacked per call (a copy of the weights: cheap, never stale)
             try:
-                return members_vmapped(members[0], self._stacked, graph, stress)
+                return members_vmapped(members[0], ({k: v.detach() for k, v in params.items()}, buffers), graph, stress)
             except (RuntimeError, NotImplementedError) as exc:  # an operation vmap cannot batch: never try again
-                self._vmap_ok, self._stacked = False, None
+                self._vmap_ok = False
+                self.last_strategy = "stored"
                 (log.warning if self.strategy == "vmap" else log.info)(
                     "committee: one batched (vmap) pass not possible for this model (%s); members are evaluated one "
                     "by one", str(exc).splitlines()[0])
@@ -227,7 +229,9 @@ def members_vmapped(base: torch.nn.Module, stacked, graph: AtomicGraph, stress: 
             g = graph.replace(positions=x_m)
         return functional_call(base, (p, b), (g,))
 
-    with tracing(), torch.enable_grad():
+    with tracing(), torch.enable_grad(), warnings.catch_warnings():
+        # an op without a batching rule is looped over members: slower, which "auto" measures; no warning per call
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         e = vmap(energy)(params, buffers, x, eps)  # [M, B]
     grads = torch.autograd.grad(e.sum(), [x, eps] if stress else [x], allow_unused=True)
     forces = -grads[0] if grads[0] is not None else torch.zeros_like(x)
