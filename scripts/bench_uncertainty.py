@@ -16,11 +16,19 @@
 
 Rerunning with the same --out-dir reuses the data and the trained committee (its training time is read from
 OUT_DIR/training.json); --retrain trains again.
+
+    python scripts/bench_uncertainty.py --cost-only --arch bench tiny reference --json docs/benchmarks/uncertainty.cost.json
+
+times only the committee's evaluation options against one model (no data, no training: the members are --members
+seeded random initialisations of each --arch, element table H C N O Cu Au; the cost does not depend on the weight
+values) on a 108-atom Cu–Au cell and the 27-atom 3BPA molecule (../shared/data or $POTENTIALS_SHARED_DATA; skipped
+if absent).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -35,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench_common import (  # noqa: E402
-    REPO, command_line, fmt, machine_info, machine_markdown, markdown_table, time_calls, timing_stats, write_report,
+    REFERENCE_HP, REPO, command_line, fmt, machine_info, machine_markdown, markdown_table, time_calls, timing_stats, write_report,
 )
 
 LATTICE_A = {"Cu": 3.61, "Au": 4.08}
@@ -212,7 +220,8 @@ def timings(ckpts, args) -> list[dict]:
 
         members = list(comm.estimator.members)
         fns = {"plain": call(plain), "llpr": call(llpr), "llpr-jacobian": call(llpr_j), f"committee_{len(ckpts)}": call(comm),
-               f"members_one_by_one_{len(ckpts)}": lambda: members_sequential(members, g, stress=True)}
+               f"members_one_by_one_fused_{len(ckpts)}": lambda: members_sequential(members, g, stress=True, fused=True),
+               f"members_one_pass_fused_{len(ckpts)}": lambda: one_pass_fused(members, g, stress=True)}
         # interleaved: every round times each variant once, so load changes on the shared machine hit all alike
         for fn in fns.values():
             time_calls(fn, args.warmup, 0)
@@ -226,6 +235,166 @@ def timings(ckpts, args) -> list[dict]:
             rows.append({"n_atoms": len(atoms), "variant": k, **st, "ratio_median": st["median_s"] / base,
                          "ratio_min": st["min_s"] / stats["plain"]["min_s"]})
     return rows
+
+
+COST_LEGEND = (
+    "`committee_N`: the calculator with N members as shipped (`potentials.uncertainty.committee`, strategy \"auto\": "
+    "elements validated once, then the fastest of the strategies below that this model allows, timed on its first "
+    "calls at each size); `committee_N_fused` / `_stored` / `_vmap`: `Committee.evaluate` with that strategy (graph "
+    "built, no ASE overhead): members one by one inside `fused_inference`, members one by one with stored "
+    "intermediates, or one `torch.func.vmap` pass over the stacked weights (in this row only, `scatter_sum` is "
+    "swapped for an out-of-place copy that vmap accepts; without it the calculator cannot use vmap); "
+    "`members_one_by_one_fused_N` = `committee_N_fused` without the committee wrapper; `members_one_pass_fused_N`: "
+    "the earlier committee path (each member its own leaf positions, one backward of Σ E_m, fused kernels); "
+    "`plain_stored`: one model without the fused kernels (graph built, no ASE overhead)."
+)
+
+
+def one_pass_fused(members, g, stress):
+    """The earlier committee path: one backward of Σ_m E_m with the fused kernels."""
+    from potentials.nn.ops import fused_inference
+    from potentials.uncertainty.committee import members_one_pass
+
+    with fused_inference():
+        return members_one_pass(members, g, stress)
+
+
+@contextlib.contextmanager
+def out_of_place_scatter():
+    """For the ``committee_N_vmap`` row only: ``scatter_sum`` with an out-of-place ``index_add`` (same numbers), which
+    ``torch.func.vmap`` accepts; this branch's in-place one makes the committee fall back to one member at a time."""
+    import torch
+
+    import potentials.models.base as mb
+    import potentials.nn.tp.base as tb
+
+    def scatter_sum(src, index, dim_size):
+        return torch.zeros((dim_size, *src.shape[1:]), dtype=src.dtype, device=src.device).index_add(0, index, src)
+
+    saved = tb.scatter_sum, mb.scatter_sum
+    tb.scatter_sum = mb.scatter_sum = scatter_sum
+    try:
+        yield
+    finally:
+        tb.scatter_sum, mb.scatter_sum = saved
+
+
+ARCHS = {  # --cost-only architectures (MACE, cg engine, float64)
+    "tiny": dict(name="mace", tp="cg", radial="mlp", dtype="float64", r_max=4.0, num_interactions=2, channels=4,
+                 max_L=1, max_ell=2, correlation=3, num_bessel=6, cutoff_p=5, radial_hidden=[8], readout_hidden=4),
+    "bench": dict(name="mace", tp="cg", radial="mlp", dtype="float64", r_max=4.5, num_interactions=2, channels=8,
+                  max_L=1, max_ell=2, correlation=3, num_bessel=8, cutoff_p=5, radial_hidden=[16, 16],
+                  readout_hidden=8),  # the committee trained above (configs/model/mace.yaml + the overrides)
+    "reference": dict(name="mace", tp="cg", radial="mlp", dtype="float64", **REFERENCE_HP),
+}
+
+
+def cost_structures() -> dict:
+    """108-atom Cu–Au cell (periodic: energy, forces, stress) and the 27-atom 3BPA molecule (energy, forces)."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.8, cubic=True).repeat((3, 3, 3))
+    rng = np.random.default_rng(0)
+    atoms.numbers[rng.permutation(len(atoms))[: len(atoms) // 2]] = 79
+    atoms.rattle(0.05, seed=1)
+    out = {"Cu-Au cell": atoms}
+    mol = Path(os.environ.get("POTENTIALS_SHARED_DATA") or REPO.parent / "shared" / "data") / "3BPA" / "train_300K.xyz"
+    if mol.exists():
+        import ase.io
+
+        out["3BPA molecule"] = ase.io.read(mol, 0)
+    else:
+        print(f"skipping the 3BPA molecule: {mol} not found", flush=True)
+    return out
+
+
+def cost_only(args) -> list[dict]:
+    import torch
+    from ase.calculators.calculator import all_changes
+
+    from potentials.calculator import PotentialCalculator
+    from potentials.data.neighbors import atoms_to_graph
+    from potentials.models import build_model, energy_forces_stress
+    from potentials.uncertainty.committee import AUTO_TRIALS, Committee
+
+    stats = dict(atomic_numbers=[1, 6, 7, 8, 29, 79], e0s={}, avg_num_neighbors=12.0, scale=1.0, shift=0.0)
+    rows, n = [], args.members
+    for arch in args.arch:
+        members = []
+        for seed in range(n):
+            torch.manual_seed(seed)
+            members.append(build_model(dict(ARCHS[arch]), stats).eval())
+        plain = PotentialCalculator(members[0])
+        comm = PotentialCalculator(members[0], estimator=Committee(members))
+        for name, atoms in cost_structures().items():
+            periodic = bool(atoms.pbc.any())
+            props = ["energy", "forces", "stress"] if periodic else ["energy", "forces"]
+
+            def graph():
+                g = atoms_to_graph(atoms, members[0].r_max, where="bench")
+                g["batch"] = torch.zeros(len(atoms), dtype=torch.long)
+                return g
+
+            g = graph()
+            by = {k: Committee(members, strategy=k) for k in ("fused", "stored", "vmap")}
+
+            def vmapped():
+                with out_of_place_scatter():
+                    return by["vmap"].evaluate(graph(), stress=periodic)
+
+            fns = {"plain": lambda: plain.calculate(atoms, props, all_changes),
+                   "plain_stored": lambda: energy_forces_stress(members[0], graph(), forces=True, stress=periodic),
+                   f"committee_{n}": lambda: comm.calculate(atoms, props, all_changes),
+                   f"committee_{n}_fused": lambda: by["fused"].evaluate(graph(), stress=periodic),
+                   f"committee_{n}_stored": lambda: by["stored"].evaluate(graph(), stress=periodic),
+                   f"committee_{n}_vmap": vmapped,
+                   f"members_one_pass_fused_{n}": lambda: one_pass_fused(members, graph(), periodic)}
+            comm.estimator.choice.clear()
+            for _ in range(3 * AUTO_TRIALS):  # the committee's own choice of strategy, before the warm-up
+                fns[f"committee_{n}"]()
+            chosen = dict(comm.estimator.choice)
+            for fn in fns.values():
+                time_calls(fn, args.warmup, 0)
+            times = {k: [] for k in fns}
+            for _ in range(args.repeat):  # interleaved rounds, as in timings()
+                for k, fn in fns.items():
+                    times[k] += time_calls(fn, 0, 1)
+            st = {k: timing_stats(v) for k, v in times.items()}
+            for k, v in st.items():
+                rows.append({"arch": arch, "structure": name, "n_atoms": len(atoms), "n_edges": int(g["edge_index"].shape[1]),
+                             "variant": k, **v, "auto_choice": list(chosen.values()), "ratio_median": v["median_s"] / st["plain"]["median_s"],
+                             "ratio_min": v["min_s"] / st["plain"]["min_s"]})
+            print(f"{arch} {name}: " + ", ".join(f"{k} {1e3 * v['min_s']:.1f} ms" for k, v in st.items()), flush=True)
+    return rows
+
+
+def cost_markdown(p: dict) -> str:
+    n = p["members"]
+    t = {(r["arch"], r["structure"], r["variant"]): r for r in p["timings"]}
+    keys = sorted({(r["arch"], r["structure"]) for r in p["timings"]}, key=lambda k: (list(ARCHS).index(k[0]), k[1]))
+    return "\n".join([
+        "# Uncertainty: cost of a committee call", "", f"Command: `{p['command']}`", "",
+        machine_markdown(p["machine"], None), "",
+        f"{n} members (seeded random initialisations: the cost does not depend on the weight values), MACE with the "
+        "`cg` engine in float64, element table H C N O Cu Au; architectures: "
+        + "; ".join(f"`{a}` = {ARCHS[a]}" for a in p["arch"]) + ". "
+        f"{p['warmup']} warm-up and {p['repeat']} timed calls each, interleaved rounds, torch threads = {p['threads']}. "
+        "Per call: energy and forces (and stress for the periodic cell). Ratios to the plain calculator call.", "",
+        "## Committee / one model", "",
+        markdown_table(["arch", "structure", "atoms", "edges", "plain min ms", f"committee_{n} / plain (median)",
+                        f"committee_{n} / plain (min)", "target", "auto chose",
+                        f"vmap / plain (min)"],
+                       [(a, s, t[(a, s, "plain")]["n_atoms"], t[(a, s, "plain")]["n_edges"], 1e3 * t[(a, s, "plain")]["min_s"],
+                         t[(a, s, f"committee_{n}")]["ratio_median"], t[(a, s, f"committee_{n}")]["ratio_min"],
+                         "≤ 2.5 " + ("met" if t[(a, s, f"committee_{n}")]["ratio_min"] <= 2.5 else "**not met**"),
+                         ", ".join(t[(a, s, "plain")]["auto_choice"]), t[(a, s, f"committee_{n}_vmap")]["ratio_min"])
+                        for a, s in keys]),
+        "", "## All options", "",
+        markdown_table(["arch", "structure", "variant", "median ms", "min ms", "ratio (median)", "ratio (min)"],
+                       [(r["arch"], r["structure"], r["variant"], 1e3 * r["median_s"], 1e3 * r["min_s"], r["ratio_median"],
+                         r["ratio_min"]) for r in p["timings"]]),
+        "", COST_LEGEND,
+    ])
 
 
 def plot(payload, png: Path) -> None:
@@ -315,8 +484,8 @@ def to_markdown(p: dict, png: str | None) -> str:
         markdown_table(["atoms", "variant", "median ms", "min ms", "ratio (median)", "ratio (min)"],
                        [(r["n_atoms"], r["variant"], 1e3 * r["median_s"], 1e3 * r["min_s"], r["ratio_median"], r["ratio_min"])
                         for r in p["timings"]]),
-        "", "`committee_N`: the calculator's one-pass evaluation (each member its own leaf positions, one backward of Σ E_m); "
-        "`members_one_by_one_N`: the same members through `energy_forces_stress` one after the other (no ASE overhead).",
+        "", COST_LEGEND, "", "Committee evaluation options on larger (reference-size) models, and the 27-atom molecule: "
+        "[uncertainty.cost.md](uncertainty.cost.md) (`--cost-only`).",
     ]
     if png:
         lines += ["", f"![spread vs error]({png})"]
@@ -334,6 +503,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--retrain", action="store_true", help="train the committee again even if OUT_DIR has it")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only time the committee options on random-weight members of each --arch (no data, no training)")
+    ap.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["bench", "reference"],
+                    help="architectures for --cost-only")
     args = ap.parse_args(argv)
     if args.warmup < 3 or args.repeat < 5:
         sys.exit("timings need --warmup ≥ 3 and --repeat ≥ 5")
@@ -343,6 +516,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     payload = {"command": command_line(), "machine": machine_info(args.threads), "members": args.members,
                "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat}
+    if args.cost_only:
+        payload["arch"] = args.arch
+        payload["timings"] = cost_only(args)
+        payload["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        write_report(payload, args.json, cost_markdown(payload))
+        return 0
     paths = make_data(args.out_dir / "data")
     ckpts, payload["training"] = train_committee(args, paths)
     print(f"trained {len(ckpts)} members in {payload['training']['wall_s']:.0f} s", flush=True)

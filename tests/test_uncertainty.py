@@ -100,6 +100,102 @@ def test_committee_results_match_members(ckpts, periodic_atoms):
         plain.calc.get_property("forces_std", plain)
 
 
+def _out_of_place_scatter(monkeypatch):
+    """scatter_sum without the in-place index_add_ that torch.func.vmap rejects (same numbers)."""
+    import potentials.models.base as mb
+    import potentials.nn.tp.base as tb
+
+    def scatter_sum(src, index, dim_size):
+        return torch.zeros((dim_size, *src.shape[1:]), dtype=src.dtype, device=src.device).index_add(0, index, src)
+
+    monkeypatch.setattr(tb, "scatter_sum", scatter_sum)
+    monkeypatch.setattr(mb, "scatter_sum", scatter_sum)
+
+
+def _committee_vs_singles(committee, atoms, calls=1):
+    from potentials.data.neighbors import atoms_to_graph
+    from potentials.models import energy_forces_stress
+    from potentials.nn.ops import fused_inference
+
+    g = atoms_to_graph(atoms, committee.r_max, where="test")
+    g["batch"] = torch.zeros(len(atoms), dtype=torch.long)
+    with fused_inference():
+        singles = [energy_forces_stress(m, g, forces=True, stress=True) for m in committee.members]
+    for _ in range(calls):
+        out = committee.evaluate(g, stress=True)
+        for key in ("energy", "forces", "stress"):
+            ref = torch.stack([s[key].detach() for s in singles])
+            assert out[f"{key}_ensemble"].shape == ref.shape
+            torch.testing.assert_close(out[f"{key}_ensemble"], ref, atol=1e-10, rtol=0)
+            torch.testing.assert_close(out[key], ref.mean(0), atol=1e-10, rtol=0)
+        energies = torch.stack([s["energy"] for s in singles]).detach()
+        torch.testing.assert_close(out["energy_std"], energies.std(0), atol=1e-10, rtol=0)
+        assert float(out["forces_std"].max()) > 1e-6  # distinct seeds: a real spread
+
+
+@pytest.mark.parametrize("strategy", ["fused", "stored", "vmap"])
+def test_committee_strategies_equal_single_model_calls(ckpts, periodic_atoms, monkeypatch, strategy):
+    """Every evaluation strategy — including the one batched vmap pass over stacked weights — gives each member
+    exactly the energy/forces/stress of its own single-model call (float64, 1e-10); mean/std follow from them."""
+    from potentials.uncertainty.committee import Committee
+
+    if strategy == "vmap":
+        _out_of_place_scatter(monkeypatch)
+    committee = Committee.from_checkpoints(ckpts, strategy=strategy)
+    _committee_vs_singles(committee, periodic_atoms)
+    assert committee.last_strategy == strategy  # (for vmap: the batched pass really ran, no fallback)
+
+
+def test_committee_vmap_falls_back_when_the_model_cannot_be_vmapped(ckpts, periodic_atoms, caplog):
+    """The in-place scatter of this branch's models is rejected by vmap: one warning, then members one by one."""
+    from potentials.uncertainty.committee import Committee
+
+    committee = Committee.from_checkpoints(ckpts, strategy="vmap")
+    with caplog.at_level("WARNING", logger="potentials.uncertainty.committee"):
+        _committee_vs_singles(committee, periodic_atoms, calls=2)
+    assert not committee._vmap_ok and committee.last_strategy == "stored"
+    assert sum("one batched (vmap) pass not possible" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_facet_committee_is_exact_and_falls_back_from_vmap(periodic_atoms):
+    """Facet members (whose custom autograd kernels vmap cannot batch): "auto" drops vmap and stays exact."""
+    from potentials.models import build_model
+    from potentials.uncertainty.committee import Committee
+    from tests.test_facet import TINY_FACET
+
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(build_model(dict(TINY_FACET), TINY_STATS).eval())
+    committee = Committee(members)
+    _committee_vs_singles(committee, periodic_atoms, calls=3)  # fused, stored, then vmap is tried
+    assert not committee._vmap_ok
+
+
+def test_committee_auto_picks_a_strategy_after_timing_each(ckpts, periodic_atoms, monkeypatch):
+    from potentials.uncertainty import committee as cm
+
+    _out_of_place_scatter(monkeypatch)
+    committee = cm.Committee.from_checkpoints(ckpts)
+    _committee_vs_singles(committee, periodic_atoms, calls=3 * cm.AUTO_TRIALS)
+    assert len(committee.choice) == 1 and next(iter(committee.choice.values())) in ("fused", "stored", "vmap")
+    (trials,) = committee._trials.values()
+    assert sorted(trials) == ["fused", "stored", "vmap"] and all(len(t) == cm.AUTO_TRIALS for t in trials.values())
+
+
+def test_committee_rejects_unknown_elements_once(ckpts, periodic_atoms):
+    from potentials.data.neighbors import atoms_to_graph
+    from potentials.errors import PotentialsError
+    from potentials.uncertainty.committee import Committee
+
+    atoms = periodic_atoms.copy()
+    atoms.numbers[0] = 8
+    g = atoms_to_graph(atoms, 4.0, where="test")
+    g["batch"] = torch.zeros(len(atoms), dtype=torch.long)
+    with pytest.raises(PotentialsError, match="not in the model's element table"):
+        Committee.from_checkpoints(ckpts).evaluate(g)
+
+
 def test_identical_committee_has_zero_spread(ckpts, periodic_atoms):
     from potentials.calculator import PotentialCalculator
 
