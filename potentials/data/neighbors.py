@@ -9,6 +9,8 @@ import vesin
 from potentials.data.graph import AtomicGraph
 from potentials.errors import PotentialsError
 
+MIN_DISTANCE = 1e-4  # Å: two atoms closer than this are "on top of each other" (rejected, never a NaN force)
+
 
 def neighbor_list(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
@@ -76,6 +78,15 @@ def atoms_to_graph(
     check_cell(cell, pbc, where)
     pos = _finite(atoms.positions, "positions", where)
     edge_index, shifts = neighbor_list(pos, cell, pbc, cutoff)
+    if edge_index.shape[1]:
+        vec = pos[edge_index[1]] - pos[edge_index[0]] + np.asarray(shifts, dtype=np.float64) @ cell
+        d2 = np.einsum("ij,ij->i", vec, vec)
+        k = int(np.argmin(d2))
+        if d2[k] < MIN_DISTANCE**2:
+            raise PotentialsError(
+                f"{where}: atoms {int(edge_index[0, k])} and {int(edge_index[1, k])} are {np.sqrt(d2[k]):.2g} Å apart "
+                f"(on top of each other: below {MIN_DISTANCE} Å, the edge direction is undefined)"
+            )
     if require_edges and edge_index.shape[1] == 0:
         raise PotentialsError(
             f"{where}: no atom has a neighbour within r_max={cutoff} Å; the model would predict "
