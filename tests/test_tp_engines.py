@@ -21,11 +21,10 @@ from potentials.nn.tp.gaunt import (
     GauntEdgeTensorProduct,
     GauntProductBasis,
     gaunt_coefficients,
-    gaunt_power_dense,
-    gaunt_product_dense,
     gaunt_tensor,
-    legendre_table,
 )
+from potentials.nn.tp.rings import legendre_table
+from potentials.nn.tp.gaunt_reference import gaunt_power_dense, gaunt_product_dense
 from potentials.nn.tp.gaunt_grid import GridPowerKernel, GridProductKernel
 from tests.conftest import REPO, TINY_MODEL, TINY_STATS
 from tests.test_model import assert_forces_match_fd, evaluate, random_orthogonal, rel, transformed

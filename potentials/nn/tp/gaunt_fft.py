@@ -31,14 +31,12 @@ from potentials.errors import PotentialsError
 from potentials.nn.tp.base import register_engine
 from potentials.nn.tp.gaunt import (
     GauntEngine,
-    RingGrid,
     RingPowerKernel,
     RingProductKernel,
     SphericalPowerKernel,
     SphericalProductKernel,
-    legendre_table,
-    m_major_order,
 )
+from potentials.nn.tp.rings import RingGrid, legendre_table, m_major_order
 
 MODES = ("auto", "dft", "fft", "direct")
 

@@ -21,7 +21,8 @@ import torch
 
 from potentials.errors import PotentialsError
 from potentials.nn.tp.base import register_engine
-from potentials.nn.tp.gaunt import GauntEngine, RingGrid, RingPowerKernel, RingProductKernel, legendre_table
+from potentials.nn.tp.gaunt import GauntEngine, RingPowerKernel, RingProductKernel
+from potentials.nn.tp.rings import RingGrid, legendre_table
 
 
 def minimal_resolution(degree: int) -> tuple[int, int]:
