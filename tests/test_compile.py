@@ -279,3 +279,21 @@ def test_cuda_compiled_calculator_equals_eager(dtype):
         np.testing.assert_allclose(compiled.get_stress(atoms), eager.get_stress(atoms), rtol=0,
                                    atol=tol * np.abs(eager.get_stress(atoms)).max())
     assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_traced_graph_keeps_bf16_autocast_to_the_backbone():
+    """Traced under bf16 autocast (as Lightning's bf16-mixed runs a step), the graph equals the eager step under the
+    same autocast — the backbone casts are recorded, the energy head and derivatives stay in the model dtype — and
+    differs from the full-precision graph (so autocast did reach the backbone)."""
+    torch.manual_seed(0)
+    model = build_model(dict(TINY_MODEL, dtype="float32"), TINY_STATS)
+    graph = batch_b()
+    compiled = CompiledPotential(model, backend=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compiled(graph, forces=True, stress=True, training=True)
+        ref = energy_forces_stress(model, graph, forces=True, stress=True, training=True)
+    full = energy_forces_stress(model, graph, forces=True, stress=True)
+    for key in ref:
+        assert got[key].dtype == ref[key].dtype
+        assert max_rel(got[key], ref[key]) < 1e-6, key
+    assert max_rel(got["forces"], full["forces"]) > 1e-4  # bf16 did change the backbone

@@ -272,7 +272,7 @@ class CompiledPotential:
 
     def _compare(self, out: dict, graph: AtomicGraph, forces: bool, stress: bool) -> None:
         with torch.enable_grad():
-            ref = energy_forces_stress(self.model, graph, forces=forces, stress=stress)
+            ref = energy_forces_stress(self.model, graph, forces=forces, stress=stress, training=True)  # as traced
         tol = 1e-8 if graph["positions"].dtype == torch.float64 and _model_dtype(self.model) == torch.float64 else 1e-4
         for k, v in ref.items():
             got, want = out[k].detach(), v.detach()
