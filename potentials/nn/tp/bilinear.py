@@ -40,7 +40,8 @@ class BilinearEdgeKernel(torch.nn.Module):
 
     def _weights(self, w: torch.Tensor) -> torch.Tensor:
         """[E, P·C] → [E, K, C] (each output component gets its path's weight)."""
-        return w.view(w.shape[0], self.num_paths, -1).index_select(1, self.path_of)
+        # explicit C (not -1): an empty edge set (isolated atom) must still reshape
+        return w.view(w.shape[0], self.num_paths, w.shape[1] // self.num_paths).index_select(1, self.path_of)
 
     def messages(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         z = self._z(y)
