@@ -50,6 +50,7 @@ class PotentialModule(pl.LightningModule):
         self.sched_cfg = {"name": "plateau", "factor": 0.8, "patience": 5, **(scheduler or {})}
         self.want_stress = (loss or {}).get("stress", 0.0) > 0
         self.metrics = {"train": ErrorAccumulator(), "val": ErrorAccumulator()}
+        self.stage_two_active = False  # set by potentials.train.stage_two.StageTwo: constant lr, no scheduler steps
 
     def forward(self, graph: AtomicGraph, training: bool = False) -> dict[str, torch.Tensor]:
         stress = self.want_stress or ("stress" in graph and bool((graph["stress_weight"] > 0).any()))
@@ -84,6 +85,11 @@ class PotentialModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if self.stage_two_active:  # stage two runs at its own constant learning rate
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def configure_optimizers(self):
         cfg = dict(self.optim_cfg)

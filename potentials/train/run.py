@@ -35,6 +35,7 @@ from potentials.train.datamodule import PotentialDataModule
 from potentials.train.ema import EMA
 from potentials.train.evaluation import error_table, parity_plot, predict
 from potentials.train.module import PotentialModule
+from potentials.train.stage_two import StageTwo, stage_two_start
 
 log = logging.getLogger("potentials")
 
@@ -176,8 +177,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     callbacks = [
         ModelCheckpoint(
             dirpath=str(ckpt_dir), filename="best", monitor=ck.monitor, mode="min",
-            save_top_k=int(ck.save_top_k), save_last=True, enable_version_counter=False,
+            save_top_k=int(ck.save_top_k), save_last=False, enable_version_counter=False,
         ),
+        # last.ckpt at every epoch end: Lightning's save_last only writes it when a best-k checkpoint is written,
+        # so after an epoch that did not improve val_loss, last.ckpt would lag behind
+        ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
         LearningRateMonitor(logging_interval="epoch"),
         RNGStateCallback(),
         DataConfigCallback(_container(cfg.data)),
@@ -188,8 +192,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
             every_n_train_steps=int(ck.every_n_train_steps), save_top_k=int(ck.get("keep_step_checkpoints", 2)),
             save_on_train_epoch_end=False, enable_version_counter=False, auto_insert_metric_name=False,
         ))
-    if cfg.ema.enabled:
-        callbacks.append(EMA(decay=float(cfg.ema.decay), warmup=bool(cfg.ema.get("warmup", True))))
+    st_cfg = _container(cfg.get("stage_two")) or {}
+    st_start = stage_two_start(st_cfg, trainer_kwargs.get("max_epochs"))
+    stage_two = StageTwo(st_start, float(st_cfg["lr"]), st_cfg.get("loss")) if st_start is not None else None
+    if cfg.ema.enabled or stage_two is not None:  # stage two averages through the same callback
+        callbacks.append(EMA(decay=float(cfg.ema.decay), warmup=bool(cfg.ema.get("warmup", True)),
+                             stage_two=stage_two, enabled=bool(cfg.ema.enabled)))
+    if stage_two is not None:  # first: the lr it sets at an epoch start is what LearningRateMonitor logs
+        callbacks.insert(0, stage_two)
     preempt = cfg.get("preemption", {})
     if preempt.get("enabled", True):  # after EMA: its batch-end update must be in the preemption checkpoint
         callbacks.append(PreemptionCallback(ckpt_dir, preempt.get("signal", "SIGUSR1"), bool(preempt.get("requeue", True))))
