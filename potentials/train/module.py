@@ -29,6 +29,7 @@ class PotentialModule(pl.LightningModule):
         loss: loss weights ``{energy, forces, stress}``.
         optim: ``{name: adam|adamw, lr, weight_decay, amsgrad}``.
         scheduler: ``{name: plateau|cosine|none, ...}``; cosine needs ``t_max`` (epochs).
+        freeze: parameter-name prefixes of the model that are not trained (fine-tuning).
     """
 
     def __init__(
@@ -38,10 +39,15 @@ class PotentialModule(pl.LightningModule):
         loss: dict[str, float] | None = None,
         optim: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
+        freeze: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(model_cfg, stats)
+        if freeze:
+            from potentials.train.finetune import apply_freeze
+
+            apply_freeze(self.model, list(freeze))
         # model.compile=true: energy -> forces/stress traced into one graph and compiled (potentials.models.compiled);
         # parameters are graph inputs, so their gradients reach the live weights (optimiser, EMA, DDP unchanged)
         self.compiled = compiled_or_eager(self.model, model_cfg.get("compile", False))
@@ -97,7 +103,7 @@ class PotentialModule(pl.LightningModule):
         classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if name not in classes:
             raise PotentialsError(f"unknown optim.name={name!r}; available: {sorted(classes)}")
-        optimizer = classes[name](self.parameters(), **cfg)
+        optimizer = classes[name]([p for p in self.parameters() if p.requires_grad], **cfg)
         sched = dict(self.sched_cfg)
         kind = sched.pop("name").lower()
         if kind == "none":

@@ -33,6 +33,7 @@ from potentials.train.cluster import (
 )
 from potentials.train.datamodule import PotentialDataModule
 from potentials.train.ema import EMA
+from potentials.train.finetune import build_replay, finetune_stats, grown_state
 from potentials.train.evaluation import error_table, parity_plot, predict
 from potentials.train.module import PotentialModule
 from potentials.train.stage_two import StageTwo, stage_two_start
@@ -155,6 +156,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         ckpt_dir.rename(run_dir / f"checkpoints.old-{n}")
         log.warning("resume=false: moved existing checkpoints to %s", run_dir / f"checkpoints.old-{n}")
 
+    init_from = cfg.get("init_from")
+    ft = _container(cfg.get("finetune")) or {}
+    init = None
+    if init_from:  # fine-tuning: the architecture is the checkpoint's (config.model may only set compile)
+        init = load_checkpoint(init_from)
+        model_cfg = {**init["hyper_parameters"]["model_cfg"], "compile": model_cfg.get("compile", False)}
     dm = build_datamodule(_container(cfg.data), float(model_cfg["r_max"]), int(cfg.seed))
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
@@ -168,11 +175,22 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
             )
         log.info("resuming from %s (epoch %s, step %s)", resume_from, ckpt.get("epoch"), ckpt.get("global_step"))
         del ckpt
+    elif init is not None:
+        stats = finetune_stats(init["hyper_parameters"]["stats"], dm.statistics(), ft.get("e0s", "keep"),
+                               bool(ft.get("new_elements", True)), str(init_from))
     else:
         stats = dm.statistics()
     module = PotentialModule(
-        model_cfg, stats, loss=_container(cfg.loss), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler)
+        model_cfg, stats, loss=_container(cfg.loss), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler),
+        freeze=ft.get("freeze") if init_from else None,
     )
+    if init is not None and resume_from is None:  # start from the checkpoint's (EMA) weights
+        old = {k[len("model."):]: v for k, v in init["state_dict"].items() if k.startswith("model.")}
+        module.model.load_state_dict(grown_state(module.model, old, len(init["hyper_parameters"]["stats"]["atomic_numbers"])))
+    if init_from:
+        dm.replay = build_replay(ft.get("replay"), float(model_cfg["r_max"]), int(cfg.seed), dm.keys,
+                                 list(stats["atomic_numbers"]))
+    del init
     ck = cfg.checkpoint
     callbacks = [
         ModelCheckpoint(
@@ -222,12 +240,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         )
     except (TypeError, ValueError) as exc:
         raise PotentialsError(f"bad trainer option: {exc}") from exc
+    initial_val = None
+    if init_from and resume_from is None:  # the starting point, on the new validation set (logged at step 0)
+        initial_val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        log.info("fine-tuning from %s: initial validation %s", init_from, initial_val)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None, weights_only=False)
 
     preempted = next((c.saved for c in callbacks if isinstance(c, PreemptionCallback) and c.saved), None)
     result: dict[str, Any] = {
         "run_dir": run_dir, "last": ckpt_dir / "last.ckpt", "metrics": merge_metrics(run_dir) if trainer.is_global_zero else None,
-        "preempted": preempted, "global_step": trainer.global_step,
+        "preempted": preempted, "global_step": trainer.global_step, "initial_val": initial_val,
     }
     if trainer.is_global_zero and cfg.parity_plot and not preempted and (ckpt_dir / "last.ckpt").exists():
         model = model_from_checkpoint(ckpt_dir / "last.ckpt")
