@@ -154,3 +154,25 @@ def test_bad_finetune_input(start, tmp_path):
         train(make_cfg(ni, f"init_from={start}", "finetune.new_elements=false"), tmp_path / "bad")
     with pytest.raises(PotentialsError, match="does not exist"):
         train(make_cfg(ni, f"init_from={tmp_path / 'missing.ckpt'}"), tmp_path / "bad2")
+
+
+def test_finetune_from_imported_mace_model(tmp_path):
+    """A mace-torch model (fixture B: H/O, non-residual first block) imported, then fine-tuned on water-free
+    Cu–Au data: the element table grows by Cu and Au and training runs."""
+    import sys
+
+    from tests.conftest import REPO
+    from potentials.train.run import train
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from import_mace import import_mace
+
+    ckpt = tmp_path / "b.ckpt"
+    import_mace(str(REPO / "tests" / "fixtures" / "mace" / "B.model.gz"), str(ckpt))
+    data = write(tmp_path / "t.extxyz", emt_frames(10, 4, swap=79, size=(1, 1, 2)))
+    run = train(make_cfg(data, f"init_from={ckpt}", "trainer.max_epochs=1", "parity_plot=false", "loss.stress=0"),
+                tmp_path / "ft")
+    saved = torch.load(run["last"], weights_only=False)["hyper_parameters"]
+    assert saved["stats"]["atomic_numbers"] == [1, 8, 29, 79]
+    assert saved["model_cfg"]["first_interaction"] == "plain"
+    assert np.isfinite(run["initial_val"]["val_forces_rmse"]) and run["global_step"] > 0
