@@ -144,6 +144,13 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model_cfg = _container(cfg.model)
+    init_from = cfg.get("init_from")
+    ft = _container(cfg.get("finetune")) or {}
+    init = None
+    if init_from:  # fine-tuning: the architecture is the checkpoint's (config.model may only set compile; trainer.precision
+        # still sets the dtype)
+        init = load_checkpoint(init_from)
+        model_cfg = {**init["hyper_parameters"]["model_cfg"], "compile": model_cfg.get("compile", False)}
     trainer_kwargs = {k: v for k, v in _container(cfg.trainer).items() if v is not None}
     lightning_precision = apply_precision(trainer_kwargs.pop("precision", None), model_cfg, bool(cfg.get("tf32", False)))
     if lightning_precision:
@@ -156,12 +163,6 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         ckpt_dir.rename(run_dir / f"checkpoints.old-{n}")
         log.warning("resume=false: moved existing checkpoints to %s", run_dir / f"checkpoints.old-{n}")
 
-    init_from = cfg.get("init_from")
-    ft = _container(cfg.get("finetune")) or {}
-    init = None
-    if init_from:  # fine-tuning: the architecture is the checkpoint's (config.model may only set compile)
-        init = load_checkpoint(init_from)
-        model_cfg = {**init["hyper_parameters"]["model_cfg"], "compile": model_cfg.get("compile", False)}
     dm = build_datamodule(_container(cfg.data), float(model_cfg["r_max"]), int(cfg.seed))
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
