@@ -64,6 +64,15 @@ def test_import_equals_mace_calculator(tmp_path, name, head):
     assert de < TOL and df < TOL and ds < TOL, (de, df, ds)
 
 
+def test_dump_writes_neutral_files(tmp_path):
+    info = import_mace(str(FIX / "A.model.gz"), str(tmp_path / "a.ckpt"), dump=str(tmp_path / "dump"))
+    tensors = torch.load(tmp_path / "dump" / "tensors.pt", weights_only=True)
+    meta = json.loads((tmp_path / "dump" / "meta.json").read_text())
+    assert meta["interaction_classes"] == ["RealAgnosticResidualInteractionBlock"] * 2
+    assert tensors["products.0.symmetric_contractions.contractions.0.U_matrix_3"].dtype == torch.float64
+    assert len(info["sha256"]) == 64
+
+
 def test_reader_needs_no_mace_and_runs_no_pickled_code(tmp_path):
     from potentials.models.mace_reader import read_mace
 
@@ -107,6 +116,10 @@ def test_unsupported_variants_and_bad_input_are_refused(tmp_path, capsys):
         convert(tensors_c, meta_c)
     with pytest.raises(PotentialsError, match="no head 'pbe'"):
         convert(tensors_c, meta_c, head="pbe")
+    scripted = tmp_path / "m_compiled.model"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    with pytest.raises(PotentialsError, match="TorchScript"):
+        read_mace(scripted)
     # CLI: one line, exit 2, no output file left behind
     (tmp_path / "junk.model").write_bytes(b"not a model")
     for args in ([str(tmp_path / "missing.model"), str(tmp_path / "o.ckpt")],
