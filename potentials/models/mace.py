@@ -16,6 +16,7 @@ from potentials.models.base import PotentialModel
 from potentials.nn.precision import backbone_autocast
 from potentials.nn.blocks import (
     InteractionBlock,
+    PlainInteractionBlock,
     LinearNodeEmbedding,
     LinearReadout,
     NonLinearReadout,
@@ -42,6 +43,9 @@ class MACE(PotentialModel):
         max_L: max degree of hidden features. max_ell: max degree of edge harmonics.
         correlation: body order of the product basis minus one (1–3).
         avg_num_neighbors, scale, shift: dataset statistics for normalisation.
+        first_interaction: ``residual`` (default; mace-torch's ``RealAgnosticResidualInteractionBlock``) or
+            ``plain`` (its non-residual ``RealAgnosticInteractionBlock``, the first block of ``--model MACE`` and
+            of several foundation models; used by imported models).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class MACE(PotentialModel):
         avg_num_neighbors: float = 1.0,
         scale: float = 1.0,
         shift: float = 0.0,
+        first_interaction: str = "residual",
         **radial_options,
     ):
         super().__init__(atomic_numbers, e0s)
@@ -71,6 +76,10 @@ class MACE(PotentialModel):
             from potentials.errors import PotentialsError
 
             raise PotentialsError(f"model.correlation must be 1, 2 or 3, got {correlation}")
+        if first_interaction not in ("residual", "plain"):
+            from potentials.errors import PotentialsError
+
+            raise PotentialsError(f"model.first_interaction must be 'residual' or 'plain', got {first_interaction!r}")
         self.r_max = float(r_max)
         engine = get_engine(tp)
         n_el = self.num_elements
@@ -92,8 +101,9 @@ class MACE(PotentialModel):
         for layer in range(num_interactions):
             last = layer == num_interactions - 1
             irreps_out = natural_irreps(channels, 0) if last else hidden
+            block = PlainInteractionBlock if layer == 0 and first_interaction == "plain" else InteractionBlock
             self.interactions.append(
-                InteractionBlock(
+                block(
                     engine, irreps_node, irreps_sh, irreps_target, irreps_out, n_el, make_radial, avg_num_neighbors
                 )
             )

@@ -86,6 +86,26 @@ class InteractionBlock(EdgeConvolution):
         return self.convolve(node_feats, edge_attrs, edge_feats, edge_lengths, edge_index), sc
 
 
+class PlainInteractionBlock(EdgeConvolution):
+    """mace-torch's non-residual ``RealAgnosticInteractionBlock`` (its default first block under ``--model MACE``):
+    the :class:`EdgeConvolution` to ``irreps_target``, then ``A ← FCTP(A ⊗ onehot(z_i)) → irreps_target``; no
+    residual.
+
+    Returns (A [n, target.dim], None).
+    """
+
+    def __init__(self, engine: Engine, irreps_node, irreps_sh, irreps_target, irreps_hidden, num_elements: int,
+                 make_radial: Callable[[int], torch.nn.Module], avg_num_neighbors: float):
+        super().__init__(engine, irreps_node, irreps_sh, irreps_target, make_radial, avg_num_neighbors)
+        self.skip = o3.FullyConnectedTensorProduct(
+            self.irreps_target, o3.Irreps(f"{num_elements}x0e"), self.irreps_target
+        )
+
+    def forward(self, node_feats, one_hot, edge_attrs, edge_feats, edge_index, edge_lengths=None):
+        a = self.convolve(node_feats, edge_attrs, edge_feats, edge_lengths, edge_index)
+        return outside_autocast(self.skip, a, one_hot), None
+
+
 class ProductBlock(torch.nn.Module):
     """Many-body product basis through the engine, then a Linear, plus the interaction's residual."""
 

@@ -61,6 +61,7 @@ class PotentialDataModule(pl.LightningDataModule):
         self.e0s_cfg, self.atomic_numbers = e0s, atomic_numbers
         self.shuffle = bool(shuffle)
         self.train_set = self.val_set = None
+        self.replay = None  # fine-tuning: a dataset mixed into every training epoch (potentials.train.finetune)
 
     def load(self) -> None:
         """Read and split the data once (idempotent)."""
@@ -111,7 +112,7 @@ class PotentialDataModule(pl.LightningDataModule):
         """
         trainer = getattr(self, "trainer", None)
         world = trainer.world_size if trainer is not None else 1
-        if world > 1 and dataset is self.train_set:
+        if world > 1 and dataset is not self.val_set:  # the training set (with replay, a ConcatDataset)
             sampler = StatefulDistributedSampler(
                 dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=self.seed
             )
@@ -125,6 +126,10 @@ class PotentialDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.replay is not None:
+            from torch.utils.data import ConcatDataset
+
+            return self._loader(ConcatDataset([self.train_set, self.replay]), self.batch_size, shuffle=self.shuffle)
         return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:

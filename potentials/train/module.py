@@ -36,6 +36,7 @@ class PotentialModule(pl.LightningModule):
         nonfinite: what a NaN/inf training loss or gradient does: ``stop`` (raise :class:`PotentialsError`
             before anything is saved, so the last good checkpoint stays) or ``skip`` (drop that optimizer step,
             warn, count it in ``skipped_steps``). All DDP ranks take the same decision.
+        freeze: parameter-name prefixes of the model that are not trained (fine-tuning).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class PotentialModule(pl.LightningModule):
         optim: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         nonfinite: str = "stop",
+        freeze: list[str] | None = None,
     ):
         super().__init__()
         if nonfinite not in NONFINITE:
@@ -53,6 +55,10 @@ class PotentialModule(pl.LightningModule):
         self.save_hyperparameters()
         self.nonfinite, self.skipped_steps = nonfinite, 0
         self.model = build_model(model_cfg, stats)
+        if freeze:
+            from potentials.train.finetune import apply_freeze
+
+            apply_freeze(self.model, list(freeze))
         # model.compile=true: energy -> forces/stress traced into one graph and compiled (potentials.models.compiled);
         # parameters are graph inputs, so their gradients reach the live weights (optimiser, EMA, DDP unchanged)
         self.compiled = compiled_or_eager(self.model, model_cfg.get("compile", False))
@@ -61,6 +67,7 @@ class PotentialModule(pl.LightningModule):
         self.sched_cfg = {"name": "plateau", "factor": 0.8, "patience": 5, **(scheduler or {})}
         self.stress_in_loss = self.loss_fn.coeffs["stress"] > 0
         self.metrics = {"train": ErrorAccumulator(), "val": ErrorAccumulator()}
+        self.stage_two_active = False  # set by potentials.train.stage_two.StageTwo: constant lr, no scheduler steps
 
     def needs_stress(self, graph: AtomicGraph, training: bool) -> bool:
         """The strain derivative (and in training its double backward) only for a batch with a stress label;
@@ -131,13 +138,18 @@ class PotentialModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if self.stage_two_active:  # stage two runs at its own constant learning rate
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
     def configure_optimizers(self):
         cfg = dict(self.optim_cfg)
         name = cfg.pop("name").lower()
         classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if name not in classes:
             raise PotentialsError(f"unknown optim.name={name!r}; available: {sorted(classes)}")
-        optimizer = classes[name](self.parameters(), **cfg)
+        optimizer = classes[name]([p for p in self.parameters() if p.requires_grad], **cfg)
         sched = dict(self.sched_cfg)
         kind = sched.pop("name").lower()
         if kind == "none":

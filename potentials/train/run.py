@@ -33,8 +33,10 @@ from potentials.train.cluster import (
 )
 from potentials.train.datamodule import PotentialDataModule
 from potentials.train.ema import EMA
+from potentials.train.finetune import build_replay, finetune_stats, grown_state
 from potentials.train.evaluation import error_table, parity_plot, predict
 from potentials.train.module import PotentialModule
+from potentials.train.stage_two import StageTwo, stage_two_start
 
 log = logging.getLogger("potentials")
 
@@ -142,6 +144,13 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model_cfg = _container(cfg.model)
+    init_from = cfg.get("init_from")
+    ft = _container(cfg.get("finetune")) or {}
+    init = None
+    if init_from:  # fine-tuning: the architecture is the checkpoint's (config.model may only set compile; trainer.precision
+        # still sets the dtype)
+        init = load_checkpoint(init_from)
+        model_cfg = {**init["hyper_parameters"]["model_cfg"], "compile": model_cfg.get("compile", False)}
     trainer_kwargs = {k: v for k, v in _container(cfg.trainer).items() if v is not None}
     lightning_precision = apply_precision(trainer_kwargs.pop("precision", None), model_cfg, bool(cfg.get("tf32", False)))
     if lightning_precision:
@@ -167,18 +176,32 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
             )
         log.info("resuming from %s (epoch %s, step %s)", resume_from, ckpt.get("epoch"), ckpt.get("global_step"))
         del ckpt
+    elif init is not None:
+        stats = finetune_stats(init["hyper_parameters"]["stats"], dm.statistics(), ft.get("e0s", "keep"),
+                               bool(ft.get("new_elements", True)), str(init_from))
     else:
         stats = dm.statistics()
     module = PotentialModule(
         model_cfg, stats, loss=_container(cfg.loss), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler),
         nonfinite=str(cfg.get("nonfinite", "stop")),
+        freeze=ft.get("freeze") if init_from else None,
     )
+    if init is not None and resume_from is None:  # start from the checkpoint's (EMA) weights
+        old = {k[len("model."):]: v for k, v in init["state_dict"].items() if k.startswith("model.")}
+        module.model.load_state_dict(grown_state(module.model, old, len(init["hyper_parameters"]["stats"]["atomic_numbers"])))
+    if init_from:
+        dm.replay = build_replay(ft.get("replay"), float(model_cfg["r_max"]), int(cfg.seed), dm.keys,
+                                 list(stats["atomic_numbers"]))
+    del init
     ck = cfg.checkpoint
     callbacks = [
         ModelCheckpoint(
             dirpath=str(ckpt_dir), filename="best", monitor=ck.monitor, mode="min",
-            save_top_k=int(ck.save_top_k), save_last=True, enable_version_counter=False,
+            save_top_k=int(ck.save_top_k), save_last=False, enable_version_counter=False,
         ),
+        # last.ckpt at every epoch end: Lightning's save_last only writes it when a best-k checkpoint is written,
+        # so after an epoch that did not improve val_loss, last.ckpt would lag behind
+        ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
         LearningRateMonitor(logging_interval="epoch"),
         RNGStateCallback(),
         DataConfigCallback(_container(cfg.data)),
@@ -189,8 +212,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
             every_n_train_steps=int(ck.every_n_train_steps), save_top_k=int(ck.get("keep_step_checkpoints", 2)),
             save_on_train_epoch_end=False, enable_version_counter=False, auto_insert_metric_name=False,
         ))
-    if cfg.ema.enabled:
-        callbacks.append(EMA(decay=float(cfg.ema.decay), warmup=bool(cfg.ema.get("warmup", True))))
+    st_cfg = _container(cfg.get("stage_two")) or {}
+    st_start = stage_two_start(st_cfg, trainer_kwargs.get("max_epochs"))
+    stage_two = StageTwo(st_start, float(st_cfg["lr"]), st_cfg.get("loss")) if st_start is not None else None
+    if cfg.ema.enabled or stage_two is not None:  # stage two averages through the same callback
+        callbacks.append(EMA(decay=float(cfg.ema.decay), warmup=bool(cfg.ema.get("warmup", True)),
+                             stage_two=stage_two, enabled=bool(cfg.ema.enabled)))
+    if stage_two is not None:  # first: the lr it sets at an epoch start is what LearningRateMonitor logs
+        callbacks.insert(0, stage_two)
     preempt = cfg.get("preemption", {})
     if preempt.get("enabled", True):  # after EMA: its batch-end update must be in the preemption checkpoint
         callbacks.append(PreemptionCallback(ckpt_dir, preempt.get("signal", "SIGUSR1"), bool(preempt.get("requeue", True))))
@@ -213,12 +242,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         )
     except (TypeError, ValueError) as exc:
         raise PotentialsError(f"bad trainer option: {exc}") from exc
+    initial_val = None
+    if init_from and resume_from is None:  # the starting point, on the new validation set (logged at step 0)
+        initial_val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        log.info("fine-tuning from %s: initial validation %s", init_from, initial_val)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None, weights_only=False)
 
     preempted = next((c.saved for c in callbacks if isinstance(c, PreemptionCallback) and c.saved), None)
     result: dict[str, Any] = {
         "run_dir": run_dir, "last": ckpt_dir / "last.ckpt", "metrics": merge_metrics(run_dir) if trainer.is_global_zero else None,
-        "preempted": preempted, "global_step": trainer.global_step,
+        "preempted": preempted, "global_step": trainer.global_step, "initial_val": initial_val,
     }
     if trainer.is_global_zero and cfg.parity_plot and not preempted and (ckpt_dir / "last.ckpt").exists():
         model = model_from_checkpoint(ckpt_dir / "last.ckpt")
