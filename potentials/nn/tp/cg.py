@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from e3nn import o3
 
+from potentials.nn.ops import scatter_sum
 from potentials.nn.symmetric_contraction import SymmetricContraction
 from potentials.nn.tp.base import EdgeTensorProduct, Engine, ProductBasis, from_channels_last, register_engine
 from potentials.nn.tp.base import to_channels_last
@@ -90,36 +91,51 @@ class CGEdgeTensorProduct(EdgeTensorProduct):
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.finish_nodes(self.edge_messages(self.prepare_nodes(x), y, weight))
 
+    def aggregate(self, h, y, radial, radial_in, edge_index, num_nodes, fused=False) -> torch.Tensor:
+        """Grouped (unequal multiplicities), training path: gather, multiply and sum each group on its own, so
+        that no [E, Σ A_g·C_g] edge tensor is built and split (its split/slice backward fills zeros per group).
+        Uniform multiplicities and the fused inference path: the interface's default."""
+        if self.uniform or fused:
+            return super().aggregate(h, y, radial, radial_in, edge_index, num_nodes, fused=fused)
+        weights = torch.split(radial(radial_in), [nw for _, _, _, nw, _ in self.group_shapes], dim=-1)
+        parts = torch.split(h, [irreps.dim for irreps in self.group_irreps_in], dim=-1)
+        blocks = []
+        for kernel, irreps_in, irreps_mid, (c, _, k, _, _), part, w in zip(
+            self.kernels, self.group_irreps_in, self.group_irreps_mid, self.group_shapes, parts, weights
+        ):
+            x = to_channels_last(part, irreps_in).transpose(1, 2).contiguous()  # [n, A_g, C_g]
+            m = kernel.messages(x.index_select(0, edge_index[1]), y, w)  # [E, K_g, C_g]
+            a = from_channels_last(scatter_sum(m, edge_index[0], num_nodes).transpose(1, 2), irreps_mid)
+            blocks += list(torch.split(a, [mul * ir.dim for mul, ir in irreps_mid], dim=-1))
+        return torch.cat([blocks[u] for u in self.sorted_from_unsorted], dim=-1)
+
     def prepare_nodes(self, h: torch.Tensor) -> torch.Tensor:
         """Uniform: [n, A, C] component-major; grouped: the groups' [n, A_g, C_g] flattened and concatenated."""
         if self.uniform:
             return to_channels_last(h, self.irreps_in1).transpose(1, 2).contiguous()
-        out, start = [], 0
-        for irreps in self.group_irreps_in:
-            part = h[:, start:start + irreps.dim]
-            out.append(to_channels_last(part, irreps).transpose(1, 2).reshape(h.shape[0], -1))
-            start += irreps.dim
-        return torch.cat(out, dim=-1)
+        parts = torch.split(h, [irreps.dim for irreps in self.group_irreps_in], dim=-1)
+        return torch.cat([to_channels_last(part, irreps).transpose(1, 2).reshape(h.shape[0], -1)
+                          for part, irreps in zip(parts, self.group_irreps_in)], dim=-1)
 
     def edge_messages(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Uniform: [E, K, C]; grouped: the groups' [E, K_g, C_g] flattened and concatenated."""
         if self.uniform:
             return self.kernel.messages(x, y, weight)
-        out, xs, ws = [], 0, 0
-        for kernel, (c, a, _, nw, _) in zip(self.kernels, self.group_shapes):
-            xg = x[:, xs:xs + a * c].reshape(x.shape[0], a, c)
-            out.append(kernel.messages(xg, y, weight[:, ws:ws + nw]).reshape(x.shape[0], -1))
-            xs, ws = xs + a * c, ws + nw
+        # torch.split, not slicing: its backward is one cat, where each slice's backward fills a zero [E, ·] tensor
+        xs = torch.split(x, [a * c for c, a, _, _, _ in self.group_shapes], dim=-1)
+        ws = torch.split(weight, [nw for _, _, _, nw, _ in self.group_shapes], dim=-1)
+        out = [kernel.messages(xg.reshape(x.shape[0], a, c), y, wg).reshape(x.shape[0], -1)
+               for kernel, (c, a, _, _, _), xg, wg in zip(self.kernels, self.group_shapes, xs, ws)]
         return torch.cat(out, dim=-1)
 
     def finish_nodes(self, a: torch.Tensor) -> torch.Tensor:
         if self.uniform:
             return from_channels_last(a.transpose(1, 2), self.irreps_out)
-        blocks, start = [], 0
-        for irreps, (c, _, k, _, numel) in zip(self.group_irreps_mid, self.group_shapes):
-            part = from_channels_last(a[:, start:start + numel].reshape(a.shape[0], k, c).transpose(1, 2), irreps)
-            blocks += [part[:, s] for s in irreps.slices()]
-            start += numel
+        blocks = []
+        parts = torch.split(a, [numel for _, _, _, _, numel in self.group_shapes], dim=-1)
+        for irreps, (c, _, k, _, _), part in zip(self.group_irreps_mid, self.group_shapes, parts):
+            part = from_channels_last(part.reshape(a.shape[0], k, c).transpose(1, 2), irreps)
+            blocks += list(torch.split(part, [mul * ir.dim for mul, ir in irreps], dim=-1))
         return torch.cat([blocks[u] for u in self.sorted_from_unsorted], dim=-1)
 
 
