@@ -256,3 +256,24 @@ def test_mixer_channels_last_grid_matrices_equal_e3nn_transforms():
     torch.testing.assert_close(torch.einsum("ip,ncp->nci", mixer.w_grid, f.reshape(3, 4, -1)), mixer.from_grid(f),
                                rtol=0, atol=1e-13)
     assert not any("grid" in k for k in mixer.state_dict())  # constants rebuilt from the config, not checkpointed
+
+
+def test_unequal_multiplicity_facet_traces_and_equals_eager_at_untraced_sizes():
+    """Trace-friendly (make_fx, as tests/test_compile.py): the grouped cg product, the bessel radial and the
+    closed-form SiLU give a graph traced on batch A equal to eager on batch B, gradients included."""
+    from potentials.models import energy_forces_stress
+    from potentials.models.compiled import graph_inputs, parameters_and_buffers, trace
+    from tests.test_compile import batch_a, batch_b, loss_of, max_rel
+
+    torch.manual_seed(0)
+    model = build_model({**TINY_FACET_S, "grid_res": [8, 10]}, TINY_STATS)
+    gm = trace(model, batch_a(), forces=True, stress=True)
+    params = list(model.parameters())
+    graph = batch_b()
+    got = dict(zip(("energy", "forces", "stress"), gm(*graph_inputs(model, graph), *parameters_and_buffers(model)[1])))
+    ref = energy_forces_stress(model, graph, forces=True, stress=True, training=True)
+    for key in ref:
+        assert max_rel(got[key], ref[key]) < 1e-10, key
+    g_got = torch.autograd.grad(loss_of(got), params)
+    g_ref = torch.autograd.grad(loss_of(ref), params)
+    assert max(max_rel(a, b) for a, b in zip(g_got, g_ref)) < 1e-10
