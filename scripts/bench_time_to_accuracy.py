@@ -156,6 +156,8 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
                      if "rotation" in eq else eq.get("error", "?"))]
     if png_name:
         lines += ["", f"![validation RMSE vs CPU minutes]({png_name})"]
+    if payload.get("notes"):  # added to the JSON by hand after a run, rendered with --report-only
+        lines += ["", "## Notes", "", *[f"- {n}" for n in payload["notes"]]]
     return "\n".join(lines)
 
 
