@@ -38,6 +38,7 @@ import bench_accuracy as ba  # noqa: E402
 import bench_common as bc  # noqa: E402
 
 EXPERIMENTS = {"facet_s": "3bpa_facet_s_cpu_budget", "mace": "3bpa_mace_cpu_budget"}
+EQUIVARIANCE_GRIDS = ("16,16", "18,18", "24,24", "32,32")  # the L=2 default, facet_s's, two finer
 LABELS = {"facet_s": "Facet-S (this project, facet_s)", "mace": "MACE/cg (this project, mace_s size)"}
 
 
@@ -57,8 +58,34 @@ def time_to_targets(curve: list[dict], targets: list[float]) -> dict[str, float 
     return out
 
 
-def equivariance_after_training(ckpt: Path, valid: str, n_frames: int = 3) -> dict[str, Any]:
-    """Relative force error max|F(Qx) − Q F(x)| / max|F(x)| of a trained checkpoint on validation frames (float64)."""
+def per_call_cpu_ms(ckpt: Path, valid: str, warmup: int = 3, repeat: int = 10) -> dict[str, Any]:
+    """Energy + forces through the ASE calculator on the first validation frame: process CPU ms per call
+    (median, min; a new geometry each call), float64, the checkpoint's own model — the per-call cost of a relaxation."""
+    import statistics
+    import time
+
+    import ase.io
+
+    from potentials.calculator import PotentialCalculator, model_from_checkpoint
+
+    if not ckpt.is_file():
+        return {"error": f"{ckpt} not found"}
+    atoms = ase.io.read(valid, index=0)
+    atoms.calc = PotentialCalculator(model_from_checkpoint(ckpt, dtype="float64"))
+    times = []
+    for i in range(warmup + repeat):
+        atoms.positions[0, 0] += 1e-4
+        c0 = time.process_time()
+        atoms.get_forces()
+        times.append(time.process_time() - c0)
+    times = times[warmup:]
+    return {"num_atoms": len(atoms), "cpu_ms_median": round(1e3 * statistics.median(times), 1),
+            "cpu_ms_min": round(1e3 * min(times), 1), "repeat": repeat}
+
+
+def equivariance_after_training(ckpt: Path, valid: str, n_frames: int = 3, grid_res: str | None = None) -> dict[str, Any]:
+    """Relative force error max|F(Qx) − Q F(x)| / max|F(x)| of a trained checkpoint on validation frames (float64),
+    at the checkpoint's grid or at ``grid_res`` ("β,α")."""
     import ase.io
     import numpy as np
     import torch
@@ -70,7 +97,7 @@ def equivariance_after_training(ckpt: Path, valid: str, n_frames: int = 3) -> di
 
     if not ckpt.is_file():
         return {"error": f"{ckpt} not found"}
-    model = model_from_checkpoint(ckpt, dtype="float64")
+    model = model_from_checkpoint(ckpt, dtype="float64", **({"grid_res": grid_res} if grid_res else {}))
     frames = ase.io.read(valid, index=f":{n_frames}")
 
     def forces(atoms):
@@ -90,6 +117,19 @@ def equivariance_after_training(ckpt: Path, valid: str, n_frames: int = 3) -> di
     grid = [list(m.res) for m in model.mixers] if hasattr(model, "mixers") else None
     return {"checkpoint": str(ckpt), "frames": len(frames), "grid": grid, **{k: max(v) for k, v in errors.items()},
             "per_frame": errors}
+
+
+def post_measurements(payload: dict, work: Path, valid: str) -> None:
+    """After training: Facet's equivariance error at its grid and finer/coarser ones, and each model's per-call cost."""
+    rows = {r["side"]: r for r in payload["rows"]}
+    if "facet_s" in rows:
+        ckpt = work / "facet_s" / "checkpoints" / "last.ckpt"
+        payload["facet_equivariance"] = equivariance_after_training(ckpt, valid)
+        payload["facet_equivariance_by_grid"] = {
+            res: equivariance_after_training(ckpt, valid, grid_res=res).get("rotation") for res in EQUIVARIANCE_GRIDS}
+    for name, row in rows.items():
+        if name in EXPERIMENTS:
+            row["per_call"] = per_call_cpu_ms(work / name / "checkpoints" / "last.ckpt", valid)
 
 
 def rmse_at(curve: list[dict], cpu_min: float) -> float | str:
@@ -154,6 +194,16 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
                   f"{eq.get('grid')}, {eq.get('frames')} validation frames, max relative force error): "
                   + (f"rotation {eq['rotation']:.2e}, rotation-reflection {eq['rotation_reflection']:.2e}"
                      if "rotation" in eq else eq.get("error", "?"))]
+    by_grid = payload.get("facet_equivariance_by_grid")
+    if by_grid:
+        lines += ["", "Same checkpoint evaluated at other grids (grid_res override; rotation error, max over the frames): "
+                  + ", ".join(f"{k.replace(',', '×')}: {v:.1e}" if v is not None else f"{k}: ?" for k, v in by_grid.items())]
+    calls = [(r["label"], r["per_call"]) for r in payload["rows"] if "per_call" in r]
+    if calls:
+        lines += ["", "Per-call cost of the trained models (ASE calculator, energy + forces, first validation frame, "
+                  "process CPU ms, median / min of 10 after 3 warm-up calls): "
+                  + "; ".join(f"{lab}: {c['cpu_ms_median']} / {c['cpu_ms_min']}" if "error" not in c else f"{lab}: {c['error']}"
+                              for lab, c in calls)]
     if png_name:
         lines += ["", f"![validation RMSE vs CPU minutes]({png_name})"]
     if payload.get("notes"):  # added to the JSON by hand after a run, rendered with --report-only
@@ -179,9 +229,11 @@ def parse_args(argv=None):
     p.add_argument("--grace-s", type=float, default=30.0)
     p.add_argument("--max-wall-min", type=float, default=None, help="stop a model after this wall time (default 6×budget+5)")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--post-only", metavar="JSON", help="redo the after-training measurements (equivariance at "
+                   "several grids, per-call CPU time) of an existing report from its work dir; no training")
     p.add_argument("--report-only", metavar="JSON", help="re-render the .md and .png of an existing report; no training")
     args = p.parse_args(argv)
-    if args.report_only:
+    if args.report_only or args.post_only:
         return args
     args.budget_min = args.budget_min if args.budget_min is not None else (0.5 if args.smoke else 25.0)
     args.n_train = args.n_train if args.n_train is not None else (20 if args.smoke else 450)
@@ -205,6 +257,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.post_only:
+        import json
+
+        path = Path(args.post_only)
+        if not path.is_file():
+            raise SystemExit(f"--post-only: {path} not found")
+        payload = json.loads(path.read_text())
+        post_measurements(payload, Path(payload["settings"]["work_dir"]), str(Path(payload["settings"]["work_dir"]) / "valid.xyz"))
+        bc.write_report_with_plot(payload, path.with_suffix(".json"), plot, to_markdown)
+        return 0
     if args.report_only:
         import json
 
@@ -241,10 +303,9 @@ def main(argv=None) -> int:
     rows.append({"side": "mace-torch", "label": "mace-torch (outside reference)", "status": "skipped",
                  "reason": peer_reason if not peer_ok else "not wired into this benchmark yet (see bench_accuracy.py)"})
     payload["machine"]["load_average_end"] = bc.load_average()
-    if "facet_s" in args.models:
-        payload["facet_equivariance"] = equivariance_after_training(
-            work / "facet_s" / "checkpoints" / "last.ckpt", split["files"]["valid"])
-    payload.update(rows=rows, commands={s.name: s.cmd for s in sides}, settings={
+    payload.update(rows=rows)
+    post_measurements(payload, work, split["files"]["valid"])
+    payload.update(commands={s.name: s.cmd for s in sides}, settings={
         "budget_min": args.budget_min, "targets": args.targets, "n_train": args.n_train, "n_val": args.n_val,
         "seed": args.seed, "threads": args.threads, "cores": args.cores if pin else [], "sequential": args.sequential,
         "data": split["source"], "work_dir": str(work), "smoke": args.smoke})
