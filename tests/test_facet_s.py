@@ -153,8 +153,9 @@ def test_facet_s_config_builds_with_the_stated_parameter_count():
 
 
 def test_trained_unequal_facet_stays_rotation_equivariant_at_the_default_grid(demo_file, periodic_atoms, capsys):
-    """After training (60 Adam steps, lr 0.01, features grow), the relative force error under a rotation
-    and under a rotation-reflection stays below 1e-6 in float64 at the default grid for l = 2 (16 × 16)."""
+    """After 60 Adam steps on the Cu–Au demo data the relative force error under a rotation and a
+    rotation-reflection stays below 1e-6 in float64 at the default grid for l = 2 (16 × 16); measured ~6e-15.
+    The demo data barely grow the grid features: on 3BPA the error does grow past 1e-6 (tests below)."""
     from potentials.train.datamodule import PotentialDataModule
     from potentials.train.module import PotentialModule
 
@@ -185,6 +186,67 @@ def test_trained_unequal_facet_stays_rotation_equivariant_at_the_default_grid(de
     with capsys.disabled():
         print(f"\n[trained Facet, unequal multiplicities, grid 16x16] relative force equivariance error: {errors}")
     assert max(errors) < 1e-6, errors
+
+
+@pytest.fixture(scope="module")
+def facet_trained_on_3bpa(tmp_path_factory):
+    """A small unequal-multiplicity Facet (8x0e + 6x1o + 4x2e, default grid 16 × 16) after 120 Adam steps (lr 0.01,
+    loss 1·E + 1000·F) on 10 3BPA frames: its grid features grow as in real training (the demo data's do not)."""
+    import ase.io
+
+    from potentials.train.datamodule import PotentialDataModule
+    from potentials.train.module import PotentialModule
+    from tests.conftest import SHARED_DATA
+
+    source = SHARED_DATA / "3BPA" / "train_300K.xyz"
+    if not source.is_file():
+        pytest.skip(f"3BPA sample not found at {source} (../shared/data absent)")
+    path = tmp_path_factory.mktemp("3bpa") / "ten.extxyz"
+    ase.io.write(str(path), ase.io.read(str(source), index=":10"))
+    cfg = {**TINY_FACET_S, "hidden_irreps": "8x0e + 6x1o + 4x2e", "grid_res": None, "r_max": 5.0}
+    torch.manual_seed(0)
+    dm = PotentialDataModule([str(path)], r_max=5.0, batch_size=5, seed=0, stress_key=None)
+    dm.setup()
+    module = PotentialModule(cfg, dm.statistics(), loss={"energy": 1, "forces": 1000, "stress": 0}, optim={"lr": 0.01})
+    optimizer = module.configure_optimizers()["optimizer"]
+    batches = list(dm.train_dataloader())
+    for step in range(120):
+        batch = batches[step % len(batches)]
+        optimizer.zero_grad()
+        module.loss_fn(module(batch, training=True), batch).backward()
+        optimizer.step()
+    return module.model.eval(), cfg, dm.statistics(), ase.io.read(str(path), index=0)
+
+
+def _rotation_error(model, atoms) -> float:
+    q = random_orthogonal(31, False)
+    ref = evaluate(model, [atoms], stress=False)["forces"]
+    out = evaluate(model, [transformed(atoms, q, np.zeros(3), np.arange(len(atoms)))], stress=False)["forces"]
+    return rel(out, ref @ torch.from_numpy(q).T)
+
+
+def _at_grid(model, cfg, stats, res):
+    other = build_model({**cfg, "grid_res": list(res)}, stats)
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+def test_trained_on_3bpa_equivariance_error_falls_with_the_grid(facet_trained_on_3bpa, capsys):
+    """Measured and reported: the rotation error of the 3BPA-trained model at the default 16 × 16, facet_s's 18 × 18
+    and finer grids; below 1e-6 from 32 × 32 (same weights; the grid is not a parameter)."""
+    model, cfg, stats, atoms = facet_trained_on_3bpa
+    assert tuple(model.mixers[0].res) == (16, 16)
+    errors = {res: _rotation_error(_at_grid(model, cfg, stats, res), atoms) for res in [(16, 16), (18, 18), (32, 32)]}
+    with capsys.disabled():
+        print(f"\n[Facet 8x0e+6x1o+4x2e after 120 steps on 3BPA] relative force rotation error by grid: {errors}")
+    assert errors[(32, 32)] < 1e-6 and errors[(32, 32)] < errors[(16, 16)]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 target missed: after training on 3BPA the rotation error at the "
+                   "default 16x16 grid grows past 1e-6 (measured 2.6e-4 here; facet_s at 18x18 after 5 epochs: 5.3e-6)")
+def test_trained_on_3bpa_equivariance_below_1e_6_at_the_default_grid(facet_trained_on_3bpa):
+    model, _, _, atoms = facet_trained_on_3bpa
+    assert _rotation_error(model, atoms) < 1e-6
 
 
 # ------------------------------------------------------------------------------------------- bessel radial
