@@ -3,7 +3,7 @@
 
     python scripts/bench_relax.py [--json OUT] [--quick] [--systems 3bpa,bulk] [--cell | --no-cell]
                                   [--optimizer FIRE] [--fmax 0.05] [--steps 300] [--dtype float64]
-                                  [--ckpt OURS.ckpt] [--peer-model PEER.model] [--threads N] [--no-peer]
+                                  [--ckpt OURS.ckpt ...] [--peer-model PEER.model] [--threads N] [--no-peer]
                                   [--only mace/cg] [--hp channels=32 ...]
 
 Relaxations (identical starting structures on both sides, written once to extxyz):
@@ -103,8 +103,11 @@ def run(args) -> dict:
         "quick": args.quick,
     }
     backends = [] if args.no_peer else [{"label": "mace-torch", "side": "peer"}]
-    if args.ckpt:  # the checkpoint's own model (its config decides model and engine)
-        backends.append({"label": f"checkpoint {Path(args.ckpt).name}", "side": "ours", "variant": None})
+    if args.ckpt:  # each checkpoint's own model (its config decides model and engine)
+        for ckpt in args.ckpt:
+            label = f"checkpoint {Path(ckpt).parent.parent.name}/{Path(ckpt).name}" if len(args.ckpt) > 1 else \
+                f"checkpoint {Path(ckpt).name}"
+            backends.append({"label": label, "side": "ours", "variant": None, "ckpt": ckpt})
     else:
         backends += [{"label": v["label"], "side": "ours", "variant": v} for v in bc.our_variants(args.only)]
     payload["variants"] = [b["label"] for b in backends]
@@ -132,7 +135,7 @@ def run(args) -> dict:
                 raw = bc.run_peer(t, timeout=args.timeout_s)
             else:
                 cfg, dropped = bc.model_config(b["variant"], args.hp_values, args.dtype) if b["variant"] else (None, [])
-                raw = bc.run_self_worker(SCRIPT, {**task, "model_cfg": cfg, "checkpoint": args.ckpt}, timeout=args.timeout_s)
+                raw = bc.run_self_worker(SCRIPT, {**task, "model_cfg": cfg, "checkpoint": b.get("ckpt")}, timeout=args.timeout_s)
                 if dropped:
                     row["hp_not_taken"] = dropped
             if "error" in raw:
@@ -196,7 +199,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None,
                    help="at most this many steps (default: trained 300, untrained 100; --quick 30 / 10)")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    p.add_argument("--ckpt", default=None, help="this project's checkpoint (instead of an untrained model)")
+    p.add_argument("--ckpt", nargs="+", default=None,
+                   help="this project's checkpoint(s) (instead of untrained models); several: one row each")
     p.add_argument("--peer-model", default=None, help="mace-torch .model file (instead of an untrained model)")
     p.add_argument("--threads", type=int, default=bc.available_cores())
     p.add_argument("--seed", type=int, default=0)
