@@ -142,7 +142,7 @@ def run(args) -> dict:
                 row.update(status="error", reason=raw["error"])
                 continue
             row.update(
-                status="ok", wall_s=raw["wall_s"], steps=raw["steps"], calls=raw["calls"], converged=raw["converged"],
+                status="ok", wall_s=raw["wall_s"], cpu_s=raw.get("cpu_s"), steps=raw["steps"], calls=raw["calls"], converged=raw["converged"],
                 ms_per_step=1e3 * raw["wall_s"] / max(raw["steps"], 1), ms_per_call=1e3 * raw["wall_s"] / max(raw["calls"], 1),
                 final_energy=raw["final_energy"], final_fmax=raw["final_fmax"], peak_rss_mb=raw["peak_rss_mb"],
             )
@@ -174,9 +174,9 @@ def to_markdown(payload: dict) -> str:
            "shows where each untrained landscape led (no convergence is expected)"),
         "",
         bc.markdown_table(
-            ["system", "atoms", "backend", "wall s", "steps", "calls", "converged", "ms/call", "final fmax eV/Å",
+            ["system", "atoms", "backend", "wall s", "CPU s", "steps", "calls", "converged", "ms/call", "final fmax eV/Å",
              "wall speed-up", "per-call speed-up", "status"],
-            [[r["system"], r.get("num_atoms"), r["backend"], r.get("wall_s"), r.get("steps"), r.get("calls"),
+            [[r["system"], r.get("num_atoms"), r["backend"], r.get("wall_s"), r.get("cpu_s"), r.get("steps"), r.get("calls"),
               r.get("converged"), r.get("ms_per_call"), r.get("final_fmax"),
               (f"{r['wall_speedup_vs_peer']:.2f}×" if "wall_speedup_vs_peer" in r else "–"),
               (f"{r['per_call_speedup_vs_peer']:.2f}×" if "per_call_speedup_vs_peer" in r else "–"),
