@@ -3,7 +3,7 @@
 
     python scripts/bench_relax.py [--json OUT] [--quick] [--systems 3bpa,bulk] [--cell | --no-cell]
                                   [--optimizer FIRE] [--fmax 0.05] [--steps 300] [--dtype float64]
-                                  [--ckpt OURS.ckpt] [--peer-model PEER.model] [--threads N] [--no-peer]
+                                  [--ckpt OURS.ckpt ...] [--peer-model PEER.model] [--threads N] [--no-peer]
                                   [--only mace/cg] [--hp channels=32 ...]
 
 Relaxations (identical starting structures on both sides, written once to extxyz):
@@ -103,8 +103,11 @@ def run(args) -> dict:
         "quick": args.quick,
     }
     backends = [] if args.no_peer else [{"label": "mace-torch", "side": "peer"}]
-    if args.ckpt:  # the checkpoint's own model (its config decides model and engine)
-        backends.append({"label": f"checkpoint {Path(args.ckpt).name}", "side": "ours", "variant": None})
+    if args.ckpt:  # each checkpoint's own model (its config decides model and engine)
+        for ckpt in args.ckpt:
+            label = f"checkpoint {Path(ckpt).parent.parent.name}/{Path(ckpt).name}" if len(args.ckpt) > 1 else \
+                f"checkpoint {Path(ckpt).name}"
+            backends.append({"label": label, "side": "ours", "variant": None, "ckpt": ckpt})
     else:
         backends += [{"label": v["label"], "side": "ours", "variant": v} for v in bc.our_variants(args.only)]
     payload["variants"] = [b["label"] for b in backends]
@@ -132,14 +135,14 @@ def run(args) -> dict:
                 raw = bc.run_peer(t, timeout=args.timeout_s)
             else:
                 cfg, dropped = bc.model_config(b["variant"], args.hp_values, args.dtype) if b["variant"] else (None, [])
-                raw = bc.run_self_worker(SCRIPT, {**task, "model_cfg": cfg, "checkpoint": args.ckpt}, timeout=args.timeout_s)
+                raw = bc.run_self_worker(SCRIPT, {**task, "model_cfg": cfg, "checkpoint": b.get("ckpt")}, timeout=args.timeout_s)
                 if dropped:
                     row["hp_not_taken"] = dropped
             if "error" in raw:
                 row.update(status="error", reason=raw["error"])
                 continue
             row.update(
-                status="ok", wall_s=raw["wall_s"], steps=raw["steps"], calls=raw["calls"], converged=raw["converged"],
+                status="ok", wall_s=raw["wall_s"], cpu_s=raw.get("cpu_s"), steps=raw["steps"], calls=raw["calls"], converged=raw["converged"],
                 ms_per_step=1e3 * raw["wall_s"] / max(raw["steps"], 1), ms_per_call=1e3 * raw["wall_s"] / max(raw["calls"], 1),
                 final_energy=raw["final_energy"], final_fmax=raw["final_fmax"], peak_rss_mb=raw["peak_rss_mb"],
             )
@@ -171,9 +174,9 @@ def to_markdown(payload: dict) -> str:
            "shows where each untrained landscape led (no convergence is expected)"),
         "",
         bc.markdown_table(
-            ["system", "atoms", "backend", "wall s", "steps", "calls", "converged", "ms/call", "final fmax eV/Å",
+            ["system", "atoms", "backend", "wall s", "CPU s", "steps", "calls", "converged", "ms/call", "final fmax eV/Å",
              "wall speed-up", "per-call speed-up", "status"],
-            [[r["system"], r.get("num_atoms"), r["backend"], r.get("wall_s"), r.get("steps"), r.get("calls"),
+            [[r["system"], r.get("num_atoms"), r["backend"], r.get("wall_s"), r.get("cpu_s"), r.get("steps"), r.get("calls"),
               r.get("converged"), r.get("ms_per_call"), r.get("final_fmax"),
               (f"{r['wall_speedup_vs_peer']:.2f}×" if "wall_speedup_vs_peer" in r else "–"),
               (f"{r['per_call_speedup_vs_peer']:.2f}×" if "per_call_speedup_vs_peer" in r else "–"),
@@ -196,7 +199,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None,
                    help="at most this many steps (default: trained 300, untrained 100; --quick 30 / 10)")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    p.add_argument("--ckpt", default=None, help="this project's checkpoint (instead of an untrained model)")
+    p.add_argument("--ckpt", nargs="+", default=None,
+                   help="this project's checkpoint(s) (instead of untrained models); several: one row each")
     p.add_argument("--peer-model", default=None, help="mace-torch .model file (instead of an untrained model)")
     p.add_argument("--threads", type=int, default=bc.available_cores())
     p.add_argument("--seed", type=int, default=0)

@@ -215,3 +215,16 @@ def test_report_numbers_are_computed_not_remembered():
     for script in ("bench_accuracy.py", "bench_train.py"):
         text = (REPO / "scripts" / script).read_text()
         assert "37.0" not in text and "70,544" not in text and "72,848" not in text
+
+
+def test_time_to_accuracy_targets_and_marks():
+    """CPU time to a target = first validation at or below it within the budget; RMSE at a mark = last one before."""
+    import bench_time_to_accuracy as tta
+
+    curve = [{"cpu_s": 60.0, "forces_rmse_mev_A": 120.0}, {"cpu_s": 120.0, "forces_rmse_mev_A": 79.0},
+             {"cpu_s": 180.0, "forces_rmse_mev_A": 55.0}, {"cpu_s": 240.0, "forces_rmse_mev_A": 49.0, "after_stop": True}]
+    assert tta.time_to_targets(curve, [80.0, 60.0, 50.0]) == {"80": 2.0, "60": 3.0, "50": None}
+    assert [tta.rmse_at(curve, m) for m in (0.5, 1.0, 2.5, 10.0)] == ["–", 120.0, 79.0, 55.0]
+    cmd = tta.train_command("facet_s", {"files": {"train": "/t/train.xyz", "valid": "/t/valid.xyz"}, "e0s": {1: -1.0}},
+                            REPO / "runs" / "x", 0)
+    assert "+experiment=3bpa_facet_s_cpu_budget" in cmd and "run_name=tta_facet_s" in cmd

@@ -42,11 +42,17 @@ class Facet(PotentialModel):
         atomic_numbers, e0s: element table and isolated-atom energies (eV).
         r_max: cutoff (Å). num_interactions: layers. channels: C. max_L: hidden degree. max_ell: edge harmonics
             and message degree.
-        radial: ``spline`` (default; ``num_knots`` knots) or ``mlp`` (``num_bessel`` Bessel functions,
+        hidden_irreps: optional hidden features with their own multiplicity per degree, natural parity, one irrep
+            per degree 0..L (e.g. ``"128x0e + 64x1o + 32x2e"``, Facet-S); overrides ``channels`` and ``max_L``.
+            The messages get the hidden multiplicity of each degree (degrees above L: the smallest one); the
+            last layer keeps the hidden scalars. Needs an engine with unequal multiplicities (``tp=cg``).
+        radial: ``spline`` (default; ``num_knots`` knots), ``bessel`` (Facet: linear map of ``num_bessel`` Bessel
+            functions with trainable frequencies, no hidden layer) or ``mlp`` (``num_bessel`` Bessel functions,
             ``radial_hidden``). cutoff_p: polynomial cutoff exponent.
         grid_res: (res_beta, res_alpha) of the mixer grid, or null for the measured default of
             :func:`potentials.nn.s2_mixer.default_resolution` at the grid degree.
-        grid_lmax: degree of the grid functions (default max_ell). grid_channels: channels on the grid (default C).
+        grid_lmax: degree of the grid functions (default max_ell). grid_channels: channels on the grid (default C;
+            with ``hidden_irreps``: the largest multiplicity of the non-scalar messages, as Facet's ``up_mul``).
         mixer_heads, mixer_hidden, mixer_act, mixer_final_act: the pointwise MLP.
         readout_hidden: width of the last-block readout.
         avg_num_neighbors, scale, shift: dataset statistics.
@@ -76,6 +82,7 @@ class Facet(PotentialModel):
         mixer_act: str = "silu",
         mixer_final_act: bool = True,
         readout_hidden: int = 16,
+        hidden_irreps: str | None = None,
         avg_num_neighbors: float = 1.0,
         scale: float = 1.0,
         shift: float = 0.0,
@@ -91,25 +98,37 @@ class Facet(PotentialModel):
         self.sh = o3.SphericalHarmonics(
             o3.Irreps.spherical_harmonics(max_ell), normalize=True, normalization="component"
         )
-        self.radial_embedding = RadialEmbedding(r_max, num_bessel, cutoff_p) if radial != "spline" else None
+        self.radial_embedding = RadialEmbedding(r_max, num_bessel, cutoff_p) if radial not in ("spline", "bessel") else None
         make_radial = make_radial_factory(
             radial, num_bessel, list(radial_hidden), r_max=r_max, cutoff_p=cutoff_p,
             **({"num_knots": num_knots} if radial == "spline" else {}),
         )
-        irreps_target = natural_irreps(channels, max_ell)
-        self.embedding = LinearNodeEmbedding(n_el, natural_irreps(channels, 0))
+        if hidden_irreps is None:
+            irreps_hidden, irreps_target = natural_irreps(channels, max_L), natural_irreps(channels, max_ell)
+        else:
+            irreps_hidden, irreps_target = facet_irreps(hidden_irreps, max_ell)
+            if len({mul for mul, _ in irreps_hidden + irreps_target}) > 1 and not engine.unequal_multiplicities:
+                raise PotentialsError(
+                    f"model.tp={tp!r} needs one common multiplicity, but model.hidden_irreps={hidden_irreps!r} has "
+                    "unequal ones; use model.tp=cg"
+                )
+            if grid_channels is None:
+                grid_channels = max([mul for mul, ir in irreps_target if ir.l > 0] or [irreps_target[0].mul])
+        self.hidden_irreps = irreps_hidden
+        irreps_scalars = o3.Irreps([irreps_hidden[0]])
+        self.embedding = LinearNodeEmbedding(n_el, irreps_scalars)
         self.convolutions = torch.nn.ModuleList()
         self.mixers = torch.nn.ModuleList()
         self.residuals = torch.nn.ModuleList()
-        irreps_node = natural_irreps(channels, 0)
+        irreps_node = irreps_scalars
         for layer in range(num_interactions):
-            irreps_out = natural_irreps(channels, 0 if layer == num_interactions - 1 else max_L)
+            irreps_out = irreps_scalars if layer == num_interactions - 1 else irreps_hidden
             self.convolutions.append(
                 EdgeConvolution(engine, irreps_node, self.sh.irreps_out, irreps_target, make_radial, avg_num_neighbors)
             )
             self.mixers.append(
                 S2MLPMixer(
-                    irreps_target, irreps_out, grid_channels=grid_channels or channels,
+                    irreps_target, irreps_out, grid_channels=grid_channels or irreps_hidden[0].mul,
                     lmax=max_ell if grid_lmax is None else grid_lmax,
                     res=None if grid_res is None else tuple(grid_res), heads=mixer_heads, hidden=list(mixer_hidden),
                     act=mixer_act, final_act=mixer_final_act,
@@ -134,3 +153,24 @@ class Facet(PotentialModel):
                 h = node_checkpointed(mixer, mixer, m) + outside_autocast(residual, h)  # inference: recompute, not store
         node_energy = self.readout(h.to(dtype)).squeeze(-1)  # the energy head runs in the model dtype
         return self.total_energy(node_energy, species, graph)
+
+
+def facet_irreps(hidden_irreps: str, max_ell: int) -> tuple[o3.Irreps, o3.Irreps]:
+    """``model.hidden_irreps`` → (hidden irreps, message irreps 0..max_ell with the hidden multiplicity of each
+    degree; degrees above the hidden L get the smallest hidden multiplicity). Natural parity, one irrep per
+    degree 0..L, in order; anything else raises :class:`PotentialsError`."""
+    try:
+        irreps = o3.Irreps(hidden_irreps)
+    except (ValueError, AssertionError) as exc:
+        raise PotentialsError(f"model.hidden_irreps={hidden_irreps!r} is not an irreps string: {exc}") from None
+    degrees = [ir.l for _, ir in irreps]
+    bad = [str(ir) for _, ir in irreps if ir.p != (-1) ** ir.l]
+    if degrees != list(range(len(degrees))) or bad or any(mul < 1 for mul, _ in irreps):
+        raise PotentialsError(
+            f"model.hidden_irreps={hidden_irreps!r} must list each degree 0..L once, in order, with natural parity "
+            f"(0e, 1o, 2e, 3o, ...) and positive multiplicities, e.g. '128x0e + 64x1o + 32x2e'"
+            + (f"; got {sorted(set(bad))}" if bad else "")
+        )
+    smallest = min(mul for mul, _ in irreps)
+    target = o3.Irreps([(irreps[l].mul if l < len(irreps) else smallest, (l, (-1) ** l)) for l in range(max_ell + 1)])
+    return irreps, target

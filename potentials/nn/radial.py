@@ -70,3 +70,33 @@ class RadialMLP(torch.nn.Module):
 
     def forward(self, edge_feats: torch.Tensor) -> torch.Tensor:
         return self.net(edge_feats)
+
+
+class LinearBesselRadial(torch.nn.Module):
+    """Facet's radial weights (``model.radial=bessel``): a bias-free linear map of a Bessel basis with trainable
+    frequencies, times the smooth cutoff — no hidden layer:
+
+        R_w(r) = u(r) · Σ_k W[k, w] · sqrt(2/r_max) · sin(f_k r) / r,   f_k initialised to kπ/r_max (1/Å).
+
+    ``r`` [E, 1] (Å) → [E, weight_numel]. ``u`` is :class:`PolynomialCutoff` (p ≥ 3): R, R' and R'' vanish at
+    r_max whatever the frequencies become, and R = 0 beyond. ``W`` [num_basis, weight_numel] is initialised
+    N(0, 1) and scaled by 1/√num_basis at call time (e3nn-style). Reads lengths (``uses_lengths``), not the
+    model's shared (fixed-frequency) radial embedding.
+    """
+
+    uses_lengths = True
+
+    def __init__(self, r_max: float, weight_numel: int, num_basis: int = 8, cutoff_p: int = 5):
+        super().__init__()
+        self.basis = BesselBasis(r_max, num_basis, trainable=True)
+        self.cutoff = PolynomialCutoff(r_max, cutoff_p)
+        self.weight = torch.nn.Parameter(torch.randn(num_basis, weight_numel))
+        self.num_basis, self.weight_numel = int(num_basis), int(weight_numel)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        r = r.reshape(-1, 1)
+        basis = self.basis(r).to(self.weight.dtype) * self.cutoff(r)  # [E, num_basis]
+        return basis @ (self.weight / math.sqrt(self.num_basis))
+
+    def extra_repr(self) -> str:
+        return f"num_basis={self.num_basis}, weight_numel={self.weight_numel}, trainable frequencies"

@@ -29,6 +29,7 @@ from e3nn import o3
 from e3nn.o3 import _s2grid
 
 from potentials.errors import PotentialsError
+from potentials.nn.activations import silu
 
 ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
@@ -108,9 +109,31 @@ def _to_channels_last(x: torch.Tensor, mul: int, lmax: int) -> torch.Tensor:
     return torch.cat(blocks, dim=-1)
 
 
-def _from_channels_last(x: torch.Tensor, lmax: int) -> torch.Tensor:
-    """Inverse of :func:`_to_channels_last`: [n, mul, (lmax+1)²] → [n, mul·(lmax+1)²] in e3nn layout."""
-    return torch.cat([x[:, :, l * l:(l + 1) * (l + 1)].reshape(x.shape[0], -1) for l in range(lmax + 1)], dim=-1)
+def grid_matrices(to_grid: o3.ToS2Grid, from_grid: o3.FromS2Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid transforms as dense float64 matrices: ``Y`` [Nb·Na, (L+1)²] with ``to_grid(x) = Y x`` (grid
+    points flattened β-major) and ``W`` [(L_out+1)², Nb·Na] with ``from_grid(f) = W f``, obtained by applying the
+    modules to unit vectors (exact: both are linear)."""
+    dim_in = to_grid.lmax + 1
+    y = to_grid(torch.eye(dim_in * dim_in, dtype=torch.float64))  # [(L+1)², Nb, Na]
+    y = y.reshape(y.shape[0], -1).transpose(0, 1).contiguous()
+    points = y.shape[0]
+    w = from_grid(torch.eye(points, dtype=torch.float64).reshape(points, from_grid.res_beta, from_grid.res_alpha))
+    return y, w.transpose(0, 1).contiguous()
+
+
+def _component_major(x: torch.Tensor, mul: int, lmax: int) -> torch.Tensor:
+    """e3nn layout of ``mul x (0e + 1o + … + lmax)`` [n, dim] → [n, (lmax+1)², mul] (channels last)."""
+    n, blocks, start = x.shape[0], [], 0
+    for l in range(lmax + 1):
+        blocks.append(x[:, start:start + mul * (2 * l + 1)].reshape(n, mul, 2 * l + 1).transpose(1, 2))
+        start += mul * (2 * l + 1)
+    return torch.cat(blocks, dim=1)
+
+
+def _from_component_major(x: torch.Tensor, lmax: int) -> torch.Tensor:
+    """Inverse of :func:`_component_major`: [n, (lmax+1)², mul] → [n, mul·(lmax+1)²] in e3nn layout."""
+    n = x.shape[0]
+    return torch.cat([x[:, l * l:(l + 1) * (l + 1)].transpose(1, 2).reshape(n, -1) for l in range(lmax + 1)], dim=-1)
 
 
 def _float32_under_autocast(fn, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +175,8 @@ class GridMLP(torch.nn.Module):
         self.weights = torch.nn.ParameterList(
             [torch.nn.Parameter(torch.randn(a, b)) for a, b in zip(dims[:-1], dims[1:])]
         )
-        self.act, self.final_act = ACTIVATIONS[act], bool(final_act)
+        # silu: closed-form first and second derivatives (force training differentiates the grid MLP twice)
+        self.act, self.final_act = (silu if act == "silu" else ACTIVATIONS[act]), bool(final_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(self.weights)
@@ -217,6 +241,10 @@ class S2MLPMixer(torch.nn.Module):
         self.irreps_back = natural_irreps(g, lmax_out)
         self.lift = o3.Linear(self.irreps_in, self.irreps_grid)
         self.to_grid, self.from_grid = s2_grid_pair(lmax, lmax_out, self.res)
+        # The same two linear maps as dense matrices over the flattened grid, applied channels-last (see forward)
+        y_grid, w_grid = grid_matrices(self.to_grid, self.from_grid)
+        self.register_buffer("y_grid", y_grid, persistent=False)  # [Nb·Na, (L+1)²]
+        self.register_buffer("w_grid", w_grid, persistent=False)  # [(L_out+1)², Nb·Na]
         self.mlp = GridMLP(g // self.heads, list(hidden), g // self.heads, act, final_act)
         self.num_scalars = self.irreps_in.count("0e") if scalar_skip else 0
         # layout of the concatenation: (G + num_scalars) x 0e, then the grid's l > 0 blocks
@@ -229,12 +257,14 @@ class S2MLPMixer(torch.nn.Module):
         return self.to_grid(_to_channels_last(_float32_under_autocast(self.lift, x), self.grid_channels, self.lmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last throughout: [n, (L+1)², G] → grid [n, Nb·Na, G] (one GEMM with y_grid) → MLP on the
+        # last axis (heads split by a view, no copy) → [n, (L_out+1)², G] (one GEMM with w_grid). Same maps as
+        # to_grid/from_grid, without e3nn's [n, G, Nb, Na] layout and the permute copies it needs for the MLP.
         n = x.shape[0]
-        f = self.grid_values(x)  # [n, G, Nb, Na]
-        nb, na = self.res
-        f = f.permute(0, 2, 3, 1).reshape(n, nb, na, self.heads, self.grid_channels // self.heads)
-        f = self.mlp(f).reshape(n, nb, na, self.grid_channels).permute(0, 3, 1, 2)
-        y = _from_channels_last(self.from_grid(f), self.lmax_out)  # [n, irreps_back.dim]
+        a = _component_major(_float32_under_autocast(self.lift, x), self.grid_channels, self.lmax)  # [n, (L+1)², G]
+        f = torch.matmul(self.y_grid.to(a.dtype), a)  # [n, P, G]
+        f = self.mlp(f.view(n, f.shape[1], self.heads, self.grid_channels // self.heads)).view(n, f.shape[1], -1)
+        y = _from_component_major(torch.matmul(self.w_grid.to(f.dtype), f), self.lmax_out)  # [n, irreps_back.dim]
         if self.num_scalars:
             scalars = [x[:, s] for s in self._scalar_slices]
             y = torch.cat([y[:, : self.grid_channels], *scalars, y[:, self.grid_channels:]], dim=-1)

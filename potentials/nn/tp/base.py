@@ -98,6 +98,8 @@ class Engine:
     """A named tensor-product back end: a factory of the two products above."""
 
     name: str = ""
+    # whether edge_tp accepts node irreps of unequal multiplicities (e.g. 128x0e + 64x1o + 32x2e)
+    unequal_multiplicities: bool = False
 
     def edge_tp(self, irreps_node: o3.Irreps, irreps_sh: o3.Irreps, irreps_target: o3.Irreps) -> EdgeTensorProduct:
         raise NotImplementedError
