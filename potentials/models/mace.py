@@ -13,6 +13,7 @@ from e3nn import o3
 
 from potentials.data.graph import AtomicGraph
 from potentials.models.base import PotentialModel
+from potentials.nn.irreps import natural_irreps  # noqa: F401 (also imported from here by older code)
 from potentials.nn.precision import backbone_autocast
 from potentials.nn.blocks import (
     InteractionBlock,
@@ -26,11 +27,6 @@ from potentials.nn.blocks import (
 from potentials.nn.radial import RadialEmbedding
 from potentials.nn.radials import make_radial_factory
 from potentials.nn.tp import get_engine
-
-
-def natural_irreps(channels: int, lmax: int) -> o3.Irreps:
-    """``C x 0e + C x 1o + C x 2e + …`` up to ``lmax``."""
-    return o3.Irreps([(channels, (l, (-1) ** l)) for l in range(lmax + 1)])
 
 
 class MACE(PotentialModel):

@@ -30,6 +30,8 @@ from e3nn.o3 import _s2grid
 
 from potentials.errors import PotentialsError
 from potentials.nn.activations import silu
+from potentials.nn.irreps import natural_irreps, to_channels_last
+from potentials.nn.precision import outside_autocast
 
 ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
@@ -100,15 +102,6 @@ def s2_grid_pair(lmax_in: int, lmax_out: int, res: tuple[int, int]) -> tuple[o3.
     return to_grid, from_grid
 
 
-def _to_channels_last(x: torch.Tensor, mul: int, lmax: int) -> torch.Tensor:
-    """e3nn layout of ``mul x (0e + 1o + … + lmax)`` [n, dim] → [n, mul, (lmax+1)²]."""
-    n, blocks, start = x.shape[0], [], 0
-    for l in range(lmax + 1):
-        blocks.append(x[:, start:start + mul * (2 * l + 1)].reshape(n, mul, 2 * l + 1))
-        start += mul * (2 * l + 1)
-    return torch.cat(blocks, dim=-1)
-
-
 def grid_matrices(to_grid: o3.ToS2Grid, from_grid: o3.FromS2Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid transforms as dense float64 matrices: ``Y`` [Nb·Na, (L+1)²] with ``to_grid(x) = Y x`` (grid
     points flattened β-major) and ``W`` [(L_out+1)², Nb·Na] with ``from_grid(f) = W f``, obtained by applying the
@@ -134,20 +127,6 @@ def _from_component_major(x: torch.Tensor, lmax: int) -> torch.Tensor:
     """Inverse of :func:`_component_major`: [n, (lmax+1)², mul] → [n, mul·(lmax+1)²] in e3nn layout."""
     n = x.shape[0]
     return torch.cat([x[:, l * l:(l + 1) * (l + 1)].transpose(1, 2).reshape(n, -1) for l in range(lmax + 1)], dim=-1)
-
-
-def _float32_under_autocast(fn, x: torch.Tensor) -> torch.Tensor:
-    """e3nn's code-generated Linear mixes its float32 weights with the input in ``tensordot``, which autocast
-    does not cover: under bf16/fp16 autocast run it in float32 (the grid transforms and MLP stay in autocast)."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return fn(x)
-    with torch.autocast(device_type, enabled=False):
-        return fn(x.float())
-
-
-def natural_irreps(mul: int, lmax: int) -> o3.Irreps:
-    return o3.Irreps([(mul, (l, (-1) ** l)) for l in range(lmax + 1)])
 
 
 def check_natural_parity(irreps: o3.Irreps, what: str) -> o3.Irreps:
@@ -254,21 +233,21 @@ class S2MLPMixer(torch.nn.Module):
 
     def grid_values(self, x: torch.Tensor) -> torch.Tensor:
         """Lifted features on the grid [n, G, res_beta, res_alpha] (for inspection/tests)."""
-        return self.to_grid(_to_channels_last(_float32_under_autocast(self.lift, x), self.grid_channels, self.lmax))
+        return self.to_grid(to_channels_last(outside_autocast(self.lift, x), self.irreps_grid))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last throughout: [n, (L+1)², G] → grid [n, Nb·Na, G] (one GEMM with y_grid) → MLP on the
         # last axis (heads split by a view, no copy) → [n, (L_out+1)², G] (one GEMM with w_grid). Same maps as
         # to_grid/from_grid, without e3nn's [n, G, Nb, Na] layout and the permute copies it needs for the MLP.
         n = x.shape[0]
-        a = _component_major(_float32_under_autocast(self.lift, x), self.grid_channels, self.lmax)  # [n, (L+1)², G]
+        a = _component_major(outside_autocast(self.lift, x), self.grid_channels, self.lmax)  # [n, (L+1)², G]
         f = torch.matmul(self.y_grid.to(a.dtype), a)  # [n, P, G]
         f = self.mlp(f.view(n, f.shape[1], self.heads, self.grid_channels // self.heads)).view(n, f.shape[1], -1)
         y = _from_component_major(torch.matmul(self.w_grid.to(f.dtype), f), self.lmax_out)  # [n, irreps_back.dim]
         if self.num_scalars:
             scalars = [x[:, s] for s in self._scalar_slices]
             y = torch.cat([y[:, : self.grid_channels], *scalars, y[:, self.grid_channels:]], dim=-1)
-        return _float32_under_autocast(self.linear_out, y)
+        return outside_autocast(self.linear_out, y)
 
     def extra_repr(self) -> str:
         return (

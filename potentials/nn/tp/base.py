@@ -22,6 +22,7 @@ import torch
 from e3nn import o3
 
 from potentials.errors import PotentialsError
+from potentials.nn.irreps import channels_of, from_channels_last, to_channels_last  # noqa: F401 (re-exported)
 from potentials.nn.ops import chunked_aggregate, scatter_sum
 from potentials.nn.precision import outside_autocast
 
@@ -143,27 +144,3 @@ def get_engine(name: str) -> Engine:
             f"(aliases: {sorted(_ALIASES)})"
         )
     return _ENGINES[name]()
-
-
-def channels_of(irreps: o3.Irreps) -> int:
-    """The common multiplicity of ``irreps`` (raises if the multiplicities differ)."""
-    muls = {mul for mul, _ in o3.Irreps(irreps)}
-    if len(muls) != 1:
-        raise PotentialsError(f"irreps {irreps} must have one common multiplicity, got {sorted(muls)}")
-    return muls.pop()
-
-
-def to_channels_last(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
-    """e3nn layout ``C x (ir_1 + ir_2 + ...)`` [n, dim] → [n, C, Σ(2l+1)] (per channel, irreps concatenated)."""
-    c = channels_of(irreps)
-    blocks = [x[:, s].reshape(x.shape[0], c, ir.dim) for s, (_, ir) in zip(irreps.slices(), irreps)]
-    return torch.cat(blocks, dim=-1)
-
-
-def from_channels_last(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
-    """Inverse of :func:`to_channels_last`: [n, C, Σ(2l+1)] → e3nn layout [n, dim]."""
-    out, start = [], 0
-    for _, ir in irreps:
-        out.append(x[:, :, start:start + ir.dim].reshape(x.shape[0], -1))
-        start += ir.dim
-    return torch.cat(out, dim=-1)

@@ -31,7 +31,7 @@ import torch
 from e3nn import o3
 
 from potentials.errors import PotentialsError
-from potentials.nn.tp.base import EdgeTensorProduct, Engine, ProductBasis, channels_of
+from potentials.nn.tp.base import EdgeTensorProduct, Engine, ProductBasis, channels_of, to_channels_last
 from potentials.nn.tp.rings import RingGrid, RingTransform
 
 SQRT_4PI = math.sqrt(4.0 * math.pi)
@@ -226,14 +226,6 @@ class _Degrees:
         return z.index_select(-1, torch.tensor(self.order, device=z.device))
 
 
-def _channels_last(x: torch.Tensor, irreps: o3.Irreps, channels: int) -> torch.Tensor:
-    """e3nn layout [n, C·Σ(2l+1)] → [n, C, Σ(2l+1)] (irreps order). Uses split/cat (cheap backward)."""
-    if len(irreps) == 1:
-        return x.reshape(x.shape[0], channels, -1)
-    parts = x.split([mul * ir.dim for mul, ir in irreps], dim=-1)
-    return torch.cat([p.reshape(x.shape[0], channels, ir.dim) for p, (_, ir) in zip(parts, irreps)], dim=-1)
-
-
 def _e3nn_layout(z: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
     """[n, C, Σ(2l+1)] (irreps order) → e3nn layout [n, C·Σ(2l+1)]."""
     if len(irreps) == 1:
@@ -308,7 +300,7 @@ class GauntEdgeTensorProduct(EdgeTensorProduct):
         e, c = x.shape[0], self.channels
         w = torch.addmm(self.offset.to(x.dtype), weight.reshape(e * c, -1), self.expand.to(x.dtype))
         a, b, d = w.view(e, c, -1).split(self.dims, dim=-1)  # per-component a, 1+b, (1+d)·√4π/n
-        xf = self.node.embed(_channels_last(x, self.node.irreps, c)) * a
+        xf = self.node.embed(to_channels_last(x, self.node.irreps)) * a
         yf = self.sh.embed(y)[:, None, :] * b
         z = self.kernel(xf, yf) * d
         return _e3nn_layout(self.out.extract(z), self.irreps_out)
@@ -343,8 +335,7 @@ class GauntProductBasis(ProductBasis):
         self.register_buffer("expand", _expansion(self.out.slot_of_full, len(self.out.degrees)), persistent=False)
 
     def forward(self, a: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        c = self.a.channels
-        af = self.a.embed(_channels_last(a, self.a.irreps, c))  # [n, C, dA]
+        af = self.a.embed(to_channels_last(a, self.a.irreps))  # [n, C, dA]
         p = self.kernel(af)  # [n, C, ν, d_out]
         w = (self.weight * self.scale.to(a.dtype)[:, None, None]) @ self.expand.to(a.dtype)  # [Z, ν, C, d_out]
         b = torch.einsum("ncvd,nvcd->ncd", p, w[species])  # [n, C, d_out]
