@@ -42,6 +42,8 @@ class MACE(PotentialModel):
         max_L: max degree of hidden features. max_ell: max degree of edge harmonics.
         correlation: body order of the product basis minus one (1–3).
         avg_num_neighbors, scale, shift: dataset statistics for normalisation.
+        trainable_shift: learn the per-element shift (initialised from ``shift``) instead of fixing it
+            (MACE fixes it: the default); see :class:`~potentials.nn.blocks.ScaleShift`.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class MACE(PotentialModel):
         avg_num_neighbors: float = 1.0,
         scale: float = 1.0,
         shift: float = 0.0,
+        trainable_shift: bool = False,
         **radial_options,
     ):
         super().__init__(atomic_numbers, e0s)
@@ -100,7 +103,7 @@ class MACE(PotentialModel):
             self.products.append(ProductBlock(engine, irreps_target, irreps_out, correlation, n_el))
             self.readouts.append(NonLinearReadout(irreps_out, readout_hidden) if last else LinearReadout(irreps_out))
             irreps_node = irreps_out
-        self.scale_shift = ScaleShift(n_el, scale, shift)
+        self.scale_shift = ScaleShift(n_el, scale, shift, trainable_shift)
 
     def forward(self, graph: AtomicGraph) -> torch.Tensor:
         """``graph`` → total energy per structure [B] (eV)."""

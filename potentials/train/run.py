@@ -191,6 +191,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         ))
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=float(cfg.ema.decay), warmup=bool(cfg.ema.get("warmup", True))))
+    if cfg.get("level_refit", {}).get("enabled", False):  # after EMA: fits the level of the averaged weights
+        from potentials.train.level import EnergyLevelRefit
+
+        callbacks.append(EnergyLevelRefit(batch_size=int(cfg.data.get("val_batch_size") or cfg.data.batch_size)))
     preempt = cfg.get("preemption", {})
     if preempt.get("enabled", True):  # after EMA: its batch-end update must be in the preemption checkpoint
         callbacks.append(PreemptionCallback(ckpt_dir, preempt.get("signal", "SIGUSR1"), bool(preempt.get("requeue", True))))
