@@ -87,3 +87,25 @@ def test_level_refit_rejects_a_model_without_shift():
 
     with pytest.raises(PotentialsError, match="scale_shift.shift"):
         EnergyLevelRefit().setup(None, SimpleNamespace(model=torch.nn.Linear(1, 1)), "fit")
+
+
+def test_trainable_shift_is_a_parameter_under_the_same_key(periodic_atoms):
+    """model.trainable_shift=true: ``scale_shift.shift`` becomes a float64 parameter (same state-dict key, so
+    checkpoints load either way) whose gradient is the energy's per-element atom count; the default is MACE's
+    fixed buffer."""
+    from potentials.models import build_model
+    from tests.conftest import TINY_MODEL, TINY_STATS
+    from tests.test_train_numbers import _graph
+
+    fixed = build_model(TINY_MODEL, TINY_STATS)
+    learned = build_model({**TINY_MODEL, "trainable_shift": True}, TINY_STATS)
+    assert "scale_shift.shift" not in dict(fixed.named_parameters())
+    shift = dict(learned.named_parameters())["scale_shift.shift"]
+    assert shift.dtype == torch.float64
+    learned.load_state_dict(fixed.state_dict())  # same keys and shapes
+    g = _graph(periodic_atoms, learned.r_max)
+    energy = learned(g)
+    torch.testing.assert_close(energy, fixed(g), rtol=0, atol=1e-12)
+    energy.sum().backward()
+    counts = torch.tensor([(periodic_atoms.numbers == z).sum() for z in TINY_STATS["atomic_numbers"]], dtype=torch.float64)
+    torch.testing.assert_close(shift.grad, counts)
