@@ -109,3 +109,19 @@ def test_trainable_shift_is_a_parameter_under_the_same_key(periodic_atoms):
     energy.sum().backward()
     counts = torch.tensor([(periodic_atoms.numbers == z).sum() for z in TINY_STATS["atomic_numbers"]], dtype=torch.float64)
     torch.testing.assert_close(shift.grad, counts)
+
+
+def test_error_accumulator_reports_the_signed_mean_error():
+    """``{key}_me`` = mean of (prediction − reference) per atom over everything accumulated (the bias that
+    RMSE hides); only weighted structures count."""
+    from potentials.data.graph import AtomicGraph
+    from potentials.train.loss import ErrorAccumulator
+
+    acc = ErrorAccumulator()
+    for e_pred, e_ref, n, w in (([3.0, -1.0], [1.0, 0.0], [2, 1], [1.0, 1.0]), ([10.0], [0.0], [4], [0.0])):
+        graph = AtomicGraph(energy=torch.tensor(e_ref, dtype=torch.float64), num_atoms=torch.tensor(n),
+                            energy_weight=torch.tensor(w, dtype=torch.float64))
+        acc.update({"energy": torch.tensor(e_pred, dtype=torch.float64)}, graph)
+    out = acc.compute()
+    assert out["energy_me"] == pytest.approx((1.0 - 1.0) / 2)  # (3−1)/2 = +1 and (−1−0)/1 = −1; the w=0 one ignored
+    assert out["energy_mae"] == pytest.approx(1.0)
