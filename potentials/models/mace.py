@@ -42,6 +42,8 @@ class MACE(PotentialModel):
         first_interaction: ``residual`` (default; mace-torch's ``RealAgnosticResidualInteractionBlock``) or
             ``plain`` (its non-residual ``RealAgnosticInteractionBlock``, the first block of ``--model MACE`` and
             of several foundation models; used by imported models).
+        trainable_shift: learn the per-element shift (initialised from ``shift``) instead of fixing it
+            (MACE fixes it: the default); see :class:`~potentials.nn.blocks.ScaleShift`.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class MACE(PotentialModel):
         scale: float = 1.0,
         shift: float = 0.0,
         first_interaction: str = "residual",
+        trainable_shift: bool = False,
         **radial_options,
     ):
         super().__init__(atomic_numbers, e0s)
@@ -106,7 +109,7 @@ class MACE(PotentialModel):
             self.products.append(ProductBlock(engine, irreps_target, irreps_out, correlation, n_el))
             self.readouts.append(NonLinearReadout(irreps_out, readout_hidden) if last else LinearReadout(irreps_out))
             irreps_node = irreps_out
-        self.scale_shift = ScaleShift(n_el, scale, shift)
+        self.scale_shift = ScaleShift(n_el, scale, shift, trainable_shift)
 
     def forward(self, graph: AtomicGraph) -> torch.Tensor:
         """``graph`` → total energy per structure [B] (eV)."""

@@ -151,14 +151,24 @@ class ScaleShift(torch.nn.Module):
 
     Initialised from dataset statistics (force RMS, mean interaction energy per atom); stored and applied in
     float64 (output [n] float64; a model keeps ``float64_buffers`` float64 under dtype casts).
+
+    ``trainable_shift=True`` makes ``shift`` a parameter (same state-dict key, initialised from the same
+    statistic): only the energy loss reaches it, so it follows the energy level that force-dominated fitting
+    moves (issue 16: with loss 1·E + 1000·F the level of every MACE, mace-torch's too, drifts by ~1 eV/atom in
+    the first epochs and recovers over tens of epochs). MACE keeps it a fixed buffer (the default). The parameter
+    is float64 in a float64 model and takes the model dtype under casts (float32: ~1e-7 relative).
     """
 
     float64_buffers = ("scale", "shift")
 
-    def __init__(self, num_elements: int, scale: float = 1.0, shift: float = 0.0):
+    def __init__(self, num_elements: int, scale: float = 1.0, shift: float = 0.0, trainable_shift: bool = False):
         super().__init__()
         self.register_buffer("scale", torch.full((num_elements,), float(scale), dtype=torch.float64))
-        self.register_buffer("shift", torch.full((num_elements,), float(shift), dtype=torch.float64))
+        shift_t = torch.full((num_elements,), float(shift), dtype=torch.float64)
+        if trainable_shift:
+            self.shift = torch.nn.Parameter(shift_t)
+        else:
+            self.register_buffer("shift", shift_t)
 
     def forward(self, energy: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        return self.scale[species] * energy.to(torch.float64) + self.shift[species]
+        return self.scale[species] * energy.to(torch.float64) + self.shift[species].to(torch.float64)

@@ -52,7 +52,8 @@ class WeightedLoss(torch.nn.Module):
 
 
 class ErrorAccumulator:
-    """Accumulates squared and absolute errors over an epoch; ``compute`` gives RMSE and MAE per quantity."""
+    """Accumulates squared, absolute and signed errors over an epoch; ``compute`` gives RMSE, MAE and the mean
+    signed error ``{key}_me`` (prediction − reference: the energy bias of issue 16) per quantity."""
 
     def __init__(self):
         self.reset()
@@ -64,13 +65,14 @@ class ErrorAccumulator:
         for key, (res, w) in errors(pred, graph).items():
             mask = w > 0
             r = res.detach()[mask].to(torch.float64)
-            s = torch.stack([r.pow(2).sum(), r.abs().sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
-            self.sums[key] = self.sums.get(key, torch.zeros(3, dtype=torch.float64)) + s.cpu()
+            n = torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)
+            s = torch.stack([r.pow(2).sum(), r.abs().sum(), n, r.sum()])
+            self.sums[key] = self.sums.get(key, torch.zeros(4, dtype=torch.float64)) + s.cpu()
 
     def all_reduce(self, device=None) -> None:
         """Sum the accumulators over all ranks (DDP), in a fixed key order."""
         keys = ["energy", "forces", "stress"]
-        local = torch.stack([self.sums.get(k, torch.zeros(3, dtype=torch.float64)) for k in keys])
+        local = torch.stack([self.sums.get(k, torch.zeros(4, dtype=torch.float64)) for k in keys])
         local = local.to(device) if device is not None else local
         torch.distributed.all_reduce(local)
         local = local.cpu()
@@ -78,8 +80,9 @@ class ErrorAccumulator:
 
     def compute(self) -> dict[str, float]:
         out = {}
-        for key, (sq, ab, n) in self.sums.items():
+        for key, (sq, ab, n, signed) in self.sums.items():
             if n > 0:
                 out[f"{key}_rmse"] = float((sq / n).sqrt())
                 out[f"{key}_mae"] = float(ab / n)
+                out[f"{key}_me"] = float(signed / n)
         return out

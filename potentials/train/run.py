@@ -220,6 +220,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
                              stage_two=stage_two, enabled=bool(cfg.ema.enabled)))
     if stage_two is not None:  # first: the lr it sets at an epoch start is what LearningRateMonitor logs
         callbacks.insert(0, stage_two)
+    if cfg.get("level_refit", {}).get("enabled", False):  # after EMA: fits the level of the averaged weights
+        from potentials.train.level import EnergyLevelRefit
+
+        callbacks.append(EnergyLevelRefit(batch_size=int(cfg.data.get("val_batch_size") or cfg.data.batch_size)))
     preempt = cfg.get("preemption", {})
     if preempt.get("enabled", True):  # after EMA: its batch-end update must be in the preemption checkpoint
         callbacks.append(PreemptionCallback(ckpt_dir, preempt.get("signal", "SIGUSR1"), bool(preempt.get("requeue", True))))
