@@ -179,6 +179,8 @@ def run(args) -> dict:
     if not args.no_peer:
         backends.append({"label": "mace-torch", "side": "peer"})
     for v in bc.with_modes(bc.our_variants(args.only), args.modes):
+        if v["mode"] == "export" and args.export_only and v["label"].rsplit("+", 1)[0] not in args.export_only:
+            continue
         backends.append({"label": v["label"], "side": "ours", "variant": v})
     payload["variants"] = [b["label"] for b in backends]
     tmp = bc.temp_dir()
@@ -452,6 +454,7 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=5, help="timed calls per row (default 5)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     p.add_argument("--device", default="cpu", help="this project's rows only (mace-torch runs on the CPU)")
+    p.add_argument("--export-only", default=None, help="comma-separated back ends that get an export row (default: all)")
     p.add_argument("--modes", default="eager", help="comma-separated: eager, compile, export (see bench_common.with_modes)")
     p.add_argument("--threads", type=int, default=bc.available_cores())
     p.add_argument("--seed", type=int, default=0)
@@ -476,6 +479,7 @@ def parse_args(argv=None):
     if args.repeat < 5 or args.warmup < 3:
         print("note: fewer than 3 warm-up / 5 timed calls: not the committed protocol", file=sys.stderr)
     args.modes = [m for m in args.modes.split(",") if m]
+    args.export_only = [b for b in args.export_only.split(",") if b] if args.export_only else None
     args.only = args.only.split(",") if args.only else None
     args.profile_backends = [b for b in args.profile_backends.split(",") if b]
     args.hp_values = bc.hyperparameters(bc.parse_hp_overrides(args.hp))

@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from potentials.io import atomic_path, atomic_write_text  # noqa: E402
+
 from bench_common import (  # noqa: E402
     REFERENCE_HP, REPO, command_line, fmt, machine_info, machine_markdown, markdown_table, time_calls, timing_stats, write_report,
 )
@@ -105,9 +107,8 @@ def make_data(data_dir: Path) -> dict[str, Path]:
     for name, spec in SETS.items():
         path = data_dir / f"{name}.extxyz"
         if not path.exists():
-            tmp = path.with_suffix(f".tmp-{os.getpid()}.extxyz")
-            ase.io.write(tmp, emt_frames(*spec), format="extxyz")
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                ase.io.write(tmp, emt_frames(*spec), format="extxyz")
         paths[name] = path
     return paths
 
@@ -140,9 +141,7 @@ def train_committee(args, paths) -> tuple[list[Path], dict]:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     shown = " ".join(c if " " not in c else repr(c) for c in cmd[1:]).replace(str(REPO) + "/", "")
     info = {"command": "python " + shown, "wall_s": wall, "cpu_s": cpu, "members": args.members, "epochs": args.epochs}
-    tmp = record.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, record)
+    atomic_write_text(record, json.dumps(info))
     return ckpts, info
 
 
@@ -542,9 +541,8 @@ def main(argv=None) -> int:
     if args.json:
         png = Path(args.json).with_suffix(".png")
         png.parent.mkdir(parents=True, exist_ok=True)
-        tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
-        plot(payload, tmp)
-        os.replace(tmp, png)
+        with atomic_path(png) as tmp:
+            plot(payload, tmp)
     write_report(payload, args.json, to_markdown(payload, png.name if png else None), also=[png] if png else [])
     return 0
 

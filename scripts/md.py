@@ -19,9 +19,7 @@ ready for reference calculations); ``--guard-action stop`` (default) ends the ru
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,15 +43,10 @@ def write_extxyz_atomic(path: Path, frames: list) -> None:
     """Write all ``frames`` to ``path`` through a temporary file and a rename."""
     import ase.io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".extxyz", dir=path.parent)
-    os.close(fd)
-    try:
+    from potentials.io import atomic_path
+
+    with atomic_path(path) as tmp:
         ase.io.write(tmp, frames, format="extxyz")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_resume(traj: Path):

@@ -15,9 +15,7 @@ identical frame is never chosen twice. The output has positions, cell, pbc and n
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,15 +69,10 @@ def main(argv=None) -> int:
         b.arrays["forces_std"] = np.asarray(stds[j], dtype=float)
         out_frames.append(b)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".extxyz", dir=out.parent)
-    os.close(fd)
-    try:
+    from potentials.io import atomic_path
+
+    with atomic_path(out) as tmp:
         ase.io.write(tmp, out_frames, format="extxyz")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(f"selected {len(chosen)} of {len(frames)} frames (score {args.score} forces_std, eV/Å: "
           f"{min(scores[chosen]):.4g}–{max(scores[chosen]):.4g}; all frames median {np.median(scores):.4g}) → {out}")
     return 0

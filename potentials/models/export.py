@@ -32,6 +32,7 @@ import torch
 
 from potentials.data.graph import AtomicGraph
 from potentials.errors import PotentialsError
+from potentials.io import atomic_path
 from potentials.models.compiled import INPUT_KEYS, graph_inputs, trace
 
 FORMAT = "potentials-aoti-1"
@@ -82,15 +83,8 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, *, device: str
         "outputs": ",".join(OUTPUT_KEYS),
         "potentials_version": __version__,
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}.pt2")
-    try:
+    with atomic_path(path) as tmp:  # a half-written package never sits at ``path``
         torch._inductor.aoti_compile_and_package(
-            program, package_path=tmp, inductor_configs={"aot_inductor.metadata": metadata}
+            program, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": metadata}
         )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

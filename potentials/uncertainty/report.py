@@ -8,7 +8,6 @@ Granularities (design note §4): energy per structure (σ_E vs E error, per atom
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +141,8 @@ def write_uncertainty_report(per_set: dict[str, dict], out_dir, title: str = "")
 
 
 def _atomic(path: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    from potentials.io import atomic_path
+
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
