@@ -228,3 +228,28 @@ def test_time_to_accuracy_targets_and_marks():
     cmd = tta.train_command("facet_s", {"files": {"train": "/t/train.xyz", "valid": "/t/valid.xyz"}, "e0s": {1: -1.0}},
                             REPO / "runs" / "x", 0)
     assert "+experiment=3bpa_facet_s_cpu_budget" in cmd and "run_name=tta_facet_s" in cmd
+
+
+@pytest.mark.skipif(not PEER, reason="needs peer-venv/ with mace-torch (make peer-venv)")
+def test_same_architecture_as_mace_torch_per_module(tmp_path):
+    """The fairness premise of bench_train/bench_md: at identical hyper-parameters this project's MACE has the same
+    parameter count as mace-torch's ScaleShiftMACE in the embedding, interactions and readouts; in the product basis
+    ours has at most as many (mace-torch's symmetric-contraction basis carries linearly dependent paths: its weights
+    project exactly onto ours, which tests/test_import_mace.py checks through energies equal to 1e-8 eV)."""
+    import ase.io
+    from ase.build import bulk
+
+    hp = dict(bc.REFERENCE_HP, channels=8, radial_hidden=[16, 16])
+    path = tmp_path / "cu.extxyz"
+    ase.io.write(path, bulk("Cu", "fcc", a=3.6, cubic=True))
+    peer = bc.run_peer({"kind": "calc", "hp": hp, "dtype": "float64", "structure": str(path), "atomic_numbers": [29, 79],
+                        "e0s": {}, "avg_num_neighbors": 40.0, "warmup": 0, "repeat": 1, "threads": 1, "seed": 0},
+                       timeout=600)
+    assert "error" not in peer, peer
+    cfg, _ = bc.model_config({"label": "mace/cg", "cfg": {"name": "mace", "tp": "cg"}}, hp, "float64")
+    ours = bc.parameters_by_module(bc.build_our_model(cfg, bc.make_stats([29, 79], 40.0)))
+    theirs = {bc.PEER_MODULE_NAMES.get(k, k): v for k, v in peer["parameters_by_module"].items()}
+    assert set(ours) == set(theirs)
+    for module in ("embedding", "interactions", "readouts"):
+        assert ours[module] == theirs[module], module
+    assert 0 < ours["products"] <= theirs["products"]
