@@ -15,7 +15,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-docs/benchmarks/gpu}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT_DIR"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -25,6 +24,7 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   echo "gpu_check: no CUDA device visible to $PY (torch.cuda.is_available() is False)" >&2
   exit 2
 fi
+mkdir -p "$OUT_DIR"
 summary="$OUT_DIR/summary.txt"
 { date -u; $PY -c "import torch, e3nn; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'e3nn', e3nn.__version__, torch.cuda.get_device_name(0))"; } > "$summary"
 nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true

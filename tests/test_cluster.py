@@ -147,14 +147,18 @@ def test_kill9_then_resume_skips_a_corrupt_checkpoint(uniform_data, reference_ru
 
 
 def test_ddp_two_processes_matches_one_process(uniform_data, tmp_path):
-    """Global batch 4 = 2 ranks × 2 vs 1 process × 4, no shuffling: same loss curve; DDP resumes too."""
+    """Global batch 4 = 2 ranks × 2 vs 1 process × 4, no shuffling: same loss curve and weights. The DDP run
+    trains through the traced graph (``model.compile=trace``, the executor of ``model.compile=true`` without the
+    C++ step): compiled execution under DDP equals eager single-process training. (DDP eager resume:
+    test_ddp_interrupted_shuffled_run_resumes_bit_identical.)"""
     single = tmp_path / "single"
     common = ["data.shuffle=false", "trainer.max_epochs=2", "ema.enabled=false", "preemption.enabled=false"]
     r = subprocess.run(train_cmd(uniform_data, single, *common, "data.batch_size=4"), env=run_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = tmp_path / "ddp"
-    ddp_args = [*common, "data.batch_size=2", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    ddp_args = [*common, "data.batch_size=2", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                "model.compile=trace"]
     r = subprocess.run(train_cmd(uniform_data, ddp, *ddp_args), env=run_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
