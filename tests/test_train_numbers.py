@@ -92,19 +92,19 @@ def test_constant_energy_offset_is_carried_exactly_by_the_shift(demo_file, tmp_p
 def test_stress_derivative_only_for_batches_with_stress_labels(demo_file, monkeypatch):
     """Default loss.stress=100: a batch without stress labels (molecules, OC20) must not request the strain
     derivative (and its double backward); one with labels does; validation reports stress only where labelled."""
-    import potentials.train.module as module_mod
+    import potentials.models.compiled as executors
     from potentials.data.dataset import GraphDataset
     from potentials.data.graph import AtomicGraph, collate
     from potentials.train.module import PotentialModule
 
     asked = []
-    real = module_mod.energy_forces_stress
+    real = executors.energy_forces_stress
 
     def spy(model, graph, **kw):
         asked.append(kw["stress"])
         return real(model, graph, **kw)
 
-    monkeypatch.setattr(module_mod, "energy_forces_stress", spy)
+    monkeypatch.setattr(executors, "energy_forces_stress", spy)  # what the module's (eager) executor calls
     with_stress = collate([GraphDataset.from_files([str(demo_file)], 4.0)[i] for i in range(2)])
     assert bool((with_stress["stress_weight"] > 0).all())
     without = AtomicGraph({k: v for k, v in with_stress.items() if not k.startswith("stress")})

@@ -146,10 +146,18 @@ def test_committee_strategies_equal_single_model_calls(ckpts, periodic_atoms, mo
     assert committee.last_strategy == strategy  # (for vmap: the batched pass really ran, no fallback)
 
 
-def test_committee_vmap_falls_back_when_the_model_cannot_be_vmapped(ckpts, periodic_atoms, caplog):
-    """The in-place scatter of this branch's models is rejected by vmap: one warning, then members one by one."""
+def test_committee_vmap_falls_back_when_the_model_cannot_be_vmapped(ckpts, periodic_atoms, caplog, monkeypatch):
+    """A model vmap rejects (here: an in-place scatter patched in) gives one warning, then members one by one."""
+    import potentials.nn.ops as ops
     from potentials.uncertainty.committee import Committee
 
+    def in_place_scatter_sum(src, index, dim_size):
+        out = torch.zeros((dim_size, *src.shape[1:]), dtype=src.dtype, device=src.device)
+        return out.index_add_(0, index, src)
+
+    for module in (ops, __import__("potentials.models.base", fromlist=["x"]), __import__("potentials.nn.tp.base", fromlist=["x"])):
+        if hasattr(module, "scatter_sum"):
+            monkeypatch.setattr(module, "scatter_sum", in_place_scatter_sum)
     committee = Committee.from_checkpoints(ckpts, strategy="vmap")
     with caplog.at_level("WARNING", logger="potentials.uncertainty.committee"):
         _committee_vs_singles(committee, periodic_atoms, calls=2)

@@ -49,7 +49,6 @@ MIN_SIZE = 2  # atoms / edges below this run eagerly (sizes 0 and 1 are always s
 # Python call per kernel (what dominates small structures: 3BPA reference model 25 -> 10 ms per call; freezing the
 # weights into the kernels gained nothing more there).
 INFERENCE_OPTIONS = {"cpp_wrapper": True}
-_MINIMAL = True
 
 
 def graph_inputs(model: torch.nn.Module, graph: AtomicGraph) -> list[torch.Tensor]:
@@ -60,17 +59,24 @@ def graph_inputs(model: torch.nn.Module, graph: AtomicGraph) -> list[torch.Tenso
 
 
 def _decompositions() -> dict:
-    """Core aten decompositions, with SiLU's backward written through the sigmoid so that the traced force
-    graph stays differentiable (aten has no derivative of ``silu_backward``)."""
-    from torch._decomp import core_aten_decompositions
-
-    table = {} if _MINIMAL else dict(core_aten_decompositions())
+    """Decompositions applied while tracing: SiLU's backward through the sigmoid, so that the traced force graph
+    stays differentiable (aten has no derivative of ``silu_backward``), and outer-product matmuls as products."""
+    table = {}
 
     def silu_backward(grad_output, x):
         s = torch.sigmoid(x)
         return grad_output * s * (1 + x * (1 - s))
 
     table[torch.ops.aten.silu_backward.default] = silu_backward
+
+    def mm(a, b):
+        # [n, 1] @ [1, k] (e.g. the backward of a Linear to one output) as a broadcast product: inductor would
+        # otherwise decompose it only while n + k <= 32, a size guard that recompiles for small structures
+        if isinstance(a.shape[-1], int) and a.shape[-1] == 1:
+            return a * b
+        return NotImplemented
+
+    table[torch.ops.aten.mm.default] = mm
     return table
 
 
