@@ -3,17 +3,7 @@
 This module re-exports the three parts: :mod:`cache_layout` (fields, key, validity), :mod:`cache_build`
 (conversion, atomic build) and :mod:`cache_read` (:class:`CachedGraphDataset`).
 
-Layout of one cache (a directory ``<cache_dir>/<name>-<key16>/``)::
-
-    meta.json          key spec, field table, counts, skipped frames, source files, extras, throughput
-    systems.json       the system (sid / mp_id / file) of each ``system_id``, for the outlier filter
-    <field>.bin        raw little-endian arrays, one file per field (read with ``numpy.memmap``)
-    stats-<hash>.json  training statistics, one per (subset, E0 config), written on first use
-
-Per frame: ``natoms`` ``nedges`` ``cell`` ``pbc`` ``energy`` (NaN = none) ``stress`` (3×3, NaN = none)
-``has_forces`` ``fmax`` (max per-atom |F|) ``source_file`` ``source_index`` ``system_id`` ``label_end``;
-per atom: ``positions`` ``numbers`` ``forces`` ``fixed`` ``tags``; per edge: ``edges`` (local centre,
-neighbour; int32) and ``shifts`` (int8); ``labels`` (UTF-8 bytes of the frame labels).
+Layout of one cache directory and the per-frame/atom/edge fields: :mod:`cache_layout`.
 
 **Key.** The directory name is a hash of: :data:`FORMAT_VERSION`, the format and split, the source files'
 resolved paths with size and mtime (or their SHA-256 with ``fingerprint="sha256"``), the cutoff and every
