@@ -81,13 +81,19 @@ class PotentialModel(torch.nn.Module):
     def total_energy(self, node_energy: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
         """Per-atom model energies [n] → scale/shift + E0 in float64 → summed per structure [B] (eV)."""
         atom_energy = self.scale_shift(node_energy, species).to(torch.float64) + self.e0s[species]
-        return scatter_sum(atom_energy, graph["batch"], graph["num_atoms"].shape[0])  # no int(): B stays symbolic
+        num_graphs = graph["num_atoms"].shape[0]  # no int(): B stays symbolic in traced graphs
+        if isinstance(num_graphs, int) and num_graphs == 1:  # one structure (the calculator): a plain sum, no
+            return atom_energy.sum(0, keepdim=True)  # scatter (inductor's C++ codegen fails on a scatter into [1])
+        return scatter_sum(atom_energy, graph["batch"], num_graphs)
 
 
 def edge_vectors(graph: AtomicGraph) -> torch.Tensor:
     """r_ij = x_j − x_i + S_ij · cell [E, 3] (Å), in the dtype of ``positions``."""
     pos, cell = graph["positions"], graph["cell"]
     centre, neighbour = graph["edge_index"][0], graph["edge_index"][1]
-    graph_of_edge = graph["batch"][centre]
-    shift = torch.einsum("ek,ekl->el", graph["shifts"].to(pos.dtype), cell[graph_of_edge].to(pos.dtype))
+    if isinstance(cell.shape[0], int) and cell.shape[0] == 1:  # one structure: no gather (and no scatter backward)
+        shift = graph["shifts"].to(pos.dtype) @ cell[0].to(pos.dtype)
+    else:
+        graph_of_edge = graph["batch"][centre]
+        shift = torch.einsum("ek,ekl->el", graph["shifts"].to(pos.dtype), cell[graph_of_edge].to(pos.dtype))
     return pos[neighbour] - pos[centre] + shift

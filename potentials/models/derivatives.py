@@ -45,7 +45,10 @@ def _energy_forces_stress(model, graph, forces, stress, training):
         strain = torch.zeros((num_graphs, 3, 3), dtype=positions.dtype, device=positions.device, requires_grad=True)
         inputs.append(strain)
         sym = 0.5 * (strain + strain.transpose(1, 2))
-        positions_used = positions + torch.einsum("ni,nij->nj", positions, sym[graph["batch"]])
+        if isinstance(num_graphs, int) and num_graphs == 1:  # one structure: no gather/scatter over structures
+            positions_used = positions + positions @ sym[0]
+        else:
+            positions_used = positions + torch.einsum("ni,nij->nj", positions, sym[graph["batch"]])
         cell = cell + torch.bmm(cell.to(sym.dtype), sym)
     else:
         positions_used = positions
