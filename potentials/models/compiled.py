@@ -202,6 +202,7 @@ class CompiledPotential:
         self.check = check
         self._cache: dict[tuple, Callable] = {}
         self.compile_seconds: dict[tuple, float] = {}
+        self._pending = None  # (key, start, traced) of a graph whose first (compiling) call is still to come
 
     # the cache holds compiled code: never copied or pickled (EMA copies of the module start without it)
     def __deepcopy__(self, memo):
@@ -273,7 +274,7 @@ class CompiledPotential:
         # autocast is already baked into the traced graph (backbone only): never apply it twice
         with torch.autocast(graph["positions"].device.type, enabled=False), _no_duck_shapes():
             outs = fn(*args)
-        pending = getattr(self, "_pending", None)
+        pending = self._pending
         if pending is not None:  # the first call of a compiled function compiles it: log trace + compile time
             key, t0, t1 = pending
             self.compile_seconds[key] = time.perf_counter() - t0
