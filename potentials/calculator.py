@@ -26,6 +26,11 @@ from potentials.errors import PotentialsError
 # The model code (potentials.models, e3nn) is imported inside the functions that need it, so that a calculator
 # of an exported model (from_exported) runs without it.
 
+# Compiled inference (compile=True): structures with more edges than this run the memory-lean path (chunk loops
+# with compiled chunk kernels, nothing per edge stored) instead of the one compiled graph, whose per-edge tensors
+# cost ~50 kB per edge in float32 (7.7 GB at 2,048 fcc Cu atoms, ~160,000 edges).
+LEAN_EDGES = 20_000
+
 # Options that change how a model computes, never which weights it has (grid_res: Facet's mixer grid).
 INFERENCE_OVERRIDES = ("tp", "dtype", "grid_res")
 
@@ -83,7 +88,11 @@ class PotentialCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energy_std", "forces_std", "stress_std"]
 
-    def __init__(self, model: torch.nn.Module | None, device="cpu", compile: bool = False, estimator=None, **kwargs):
+    def __init__(self, model: torch.nn.Module | None, device="cpu", compile: bool = False, estimator=None,
+                 lean_edges: int | None = None, **kwargs):
+        """``compile=True``: weights baked into compiled code; structures of up to ``lean_edges`` edges (default
+        :data:`LEAN_EDGES`) run as one compiled graph, larger ones through the memory-lean chunk loops with compiled
+        chunk kernels (:mod:`potentials.models.compiled_chunks`)."""
         super().__init__(**kwargs)
         self.device = torch.device(device)
         self.compiled = self.exported = None
@@ -92,12 +101,14 @@ class PotentialCalculator(Calculator):
             return
         self.model = model.to(device).eval()
         self.r_max = float(model.r_max)
-        if compile:  # weights baked into the graph as constants; one graph for every atom count (dynamic shapes)
+        if compile:  # weights baked in as constants; one graph for every atom count (dynamic shapes) up to
+            # LEAN_EDGES edges, above it the memory-lean chunk loops with compiled chunk kernels
             from potentials.models.compiled import CompiledPotential
 
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            self.compiled = CompiledPotential(self.model, backend="inductor", params_as_inputs=False)
+            self.compiled = CompiledPotential(self.model, backend="inductor", params_as_inputs=False,
+                                              lean_edges=LEAN_EDGES if lean_edges is None else int(lean_edges))
 
     @classmethod
     def from_checkpoint(

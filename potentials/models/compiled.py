@@ -187,6 +187,10 @@ class CompiledPotential:
             in float64, 1e-4 in float32) and raise :class:`PotentialsError` if they differ.
         fallback: if a graph cannot be traced or compiled, log the reason once and run that signature eagerly
             (training) instead of raising.
+        lean_edges: inference only (``params_as_inputs=False``): structures with more edges than this run the
+            memory-lean path instead of the one graph — the eager chunk loops of
+            :func:`~potentials.nn.ops.fused_inference` with compiled static-shape chunk kernels
+            (:mod:`potentials.models.compiled_chunks`); nothing per edge is stored. ``None``: always one graph.
 
     ``__call__(graph, forces, stress)`` returns the dict of :func:`energy_forces_stress`. Graphs with fewer than
     2 atoms or edges run eagerly. The first call of each signature (forces/stress asked, B = 1 or not, dtype,
@@ -194,8 +198,10 @@ class CompiledPotential:
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: str | None = "inductor", params_as_inputs: bool = True,
-                 check: bool = True, fallback: bool = False):
+                 check: bool = True, fallback: bool = False, lean_edges: int | None = None):
         self.model = model
+        self.lean_edges = lean_edges
+        self._chunk_kernels = None  # ChunkKernels of the memory-lean path, built on first use
         self.fallback = fallback
         self.backend = backend
         self.params_as_inputs = params_as_inputs
@@ -209,11 +215,12 @@ class CompiledPotential:
         import copy
 
         return CompiledPotential(copy.deepcopy(self.model, memo), backend=self.backend,
-                                 params_as_inputs=self.params_as_inputs, check=self.check, fallback=self.fallback)
+                                 params_as_inputs=self.params_as_inputs, check=self.check, fallback=self.fallback,
+                                 lean_edges=self.lean_edges)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_cache"], state["compile_seconds"] = {}, {}
+        state["_cache"], state["compile_seconds"], state["_chunk_kernels"] = {}, {}, None
         return state
 
     def _key(self, graph: AtomicGraph, forces: bool, stress: bool) -> tuple:
@@ -227,6 +234,8 @@ class CompiledPotential:
         if n < MIN_SIZE or e < MIN_SIZE:
             with torch.enable_grad():
                 return energy_forces_stress(self.model, graph, forces=forces, stress=stress, training=training)
+        if self.lean_edges is not None and e > self.lean_edges and not training and not self.params_as_inputs:
+            return self._lean(graph, forces, stress)
         key = self._key(graph, forces, stress)
         fn = self._cache.get(key)
         first = fn is None
@@ -284,9 +293,31 @@ class CompiledPotential:
         keys = ["energy"] + (["forces"] if forces else []) + (["stress"] if stress else [])
         return dict(zip(keys, outs))
 
-    def _compare(self, out: dict, graph: AtomicGraph, forces: bool, stress: bool) -> None:
-        with torch.enable_grad():
-            ref = energy_forces_stress(self.model, graph, forces=forces, stress=stress, training=True)  # as traced
+    def _lean(self, graph: AtomicGraph, forces: bool, stress: bool) -> dict[str, torch.Tensor]:
+        """The memory-lean path: eager chunk loops, compiled chunk bodies (first use compared with eager)."""
+        from potentials.models.compiled_chunks import ChunkKernels
+        from potentials.nn.ops import compiled_chunks, fused_inference
+
+        first = self._chunk_kernels is None
+        if first:
+            self._chunk_kernels = ChunkKernels(backend="inductor" if self.backend == "inductor" else None)
+        with fused_inference(), compiled_chunks(self._chunk_kernels), torch.enable_grad():
+            out = energy_forces_stress(self.model, graph, forces=forces, stress=stress)
+        if first:
+            log.info("compiled memory-lean chunk kernels: %.1f s", self._chunk_kernels.compile_seconds)
+            if self.check:
+                self._compare(out, graph, forces, stress, lean=True)
+        return {k: v.detach() for k, v in out.items()}
+
+    def _compare(self, out: dict, graph: AtomicGraph, forces: bool, stress: bool, lean: bool = False) -> None:
+        if lean:  # the same chunk loops run eagerly (the one-graph reference would store every per-edge tensor)
+            from potentials.nn.ops import fused_inference
+
+            with fused_inference(), torch.enable_grad():
+                ref = energy_forces_stress(self.model, graph, forces=forces, stress=stress)
+        else:
+            with torch.enable_grad():
+                ref = energy_forces_stress(self.model, graph, forces=forces, stress=stress, training=True)  # as traced
         tol = 1e-8 if graph["positions"].dtype == torch.float64 and _model_dtype(self.model) == torch.float64 else 1e-4
         for k, v in ref.items():
             got, want = out[k].detach(), v.detach()

@@ -74,7 +74,7 @@ class EdgeTensorProduct(torch.nn.Module):
             x = self.prepare_nodes(h)
             message = lambda xe, ye, re: self.edge_messages(xe, ye, radial(re))  # noqa: E731
             if fused:
-                return self.finish_nodes(chunked_aggregate(message, x, y, radial_in, edge_index))
+                return self.finish_nodes(chunked_aggregate(message, x, y, radial_in, edge_index, owner=(self, radial)))
             return self.finish_nodes(scatter_sum(message(x.index_select(0, edge_index[1]), y, radial_in), edge_index[0], num_nodes))
 
         return outside_autocast(run, h, y, radial_in) if fused else run(h, y, radial_in)
