@@ -288,6 +288,47 @@ def peer_command(split: dict, r: dict, work: Path, seed: int, max_epochs: int | 
     return cmd
 
 
+def budget_env(threads: int) -> dict[str, str]:
+    """Environment of every budgeted training process: ``threads`` OpenMP/MKL threads, unbuffered output."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+
+
+def ours_env(work: Path, out_dir: Path, threads: int) -> dict[str, str]:
+    """:func:`budget_env` plus the CPU-stamped validation log (:mod:`potentials.train.budget`) into ``out_dir``;
+    clears ``out_dir`` (a fresh run: the budget counts from scratch)."""
+    from potentials.train import budget
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    entry = budget.write_entry_point(work / "entry_points")
+    env = dict(budget_env(threads), PYTHONPATH=os.pathsep.join(filter(None, [str(entry), os.environ.get("PYTHONPATH")])))
+    env[budget.ENV_VAR] = str(out_dir / "budget_log.jsonl")
+    return env
+
+
+def peer_train_status() -> tuple[bool, str]:
+    """(available, reason) for training mace-torch: peer-venv's Python and its ``mace_run_train``."""
+    ok, reason = bc.peer_status()
+    if ok and not PEER_TRAIN.exists():
+        return False, f"{PEER_TRAIN} missing"
+    return ok, reason
+
+
+def peer_side(name: str, split: dict, r: dict, out_dir: Path, seed: int, threads: int, cores: list[int] | None,
+              max_epochs: int | None = None, stage_two: dict[str, Any] | None = None) -> "Side":
+    """mace-torch's budgeted training run (:func:`peer_command` into a fresh ``out_dir``), not started yet."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return Side(name, peer_command(split, r, out_dir, seed, max_epochs, stage_two), budget_env(threads), out_dir, cores)
+
+
+def peer_result(side: "Side", split: dict, r: dict, args, label: str,
+                stage_two_epoch: int | None = None) -> tuple[dict[str, Any], dict | None]:
+    """(summarised row, per-module parameter counts) of a finished :func:`peer_side` run: validations parsed from
+    mace's log and CPU-stamped, parameters counted by ``scripts/peer_mace.py`` after the run."""
+    events, n = peer_events(side, args.n_train, r["batch_size"])
+    counted, modules = peer_parameters(split, r, args.threads)
+    return summarise(side, events, n or counted, args.budget_s, label, stage_two_epoch), modules
+
+
 # ------------------------------------------------------------------------------------------- CPU budget
 def _proc_table() -> dict[int, tuple[int, int]]:
     """pid → (ppid, user+system+children ticks) of every readable process."""
@@ -684,9 +725,7 @@ def main(argv=None) -> int:
     r = recipe()
     work = Path(args.work_dir).resolve()
     split = write_split(Path(args.data), work, args.n_train, args.n_val, args.seed)
-    peer_ok, peer_reason = bc.peer_status()
-    if peer_ok and not PEER_TRAIN.exists():
-        peer_ok, peer_reason = False, f"{PEER_TRAIN} missing"
+    peer_ok, peer_reason = peer_train_status()
     want_peer = peer_ok and not args.no_peer
     peer = bc.peer_info(args.threads) if want_peer else {"error": "--no-peer" if args.no_peer else peer_reason}
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -696,25 +735,16 @@ def main(argv=None) -> int:
     if not args.no_pin and not pin:
         print(f"not pinning: taskset {'missing' if not shutil.which('taskset') else f'needs {need} cores, {len(cores)} available'}")
 
-    from potentials.train import budget
-
-    base_env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     sides = []
     ours_dir = work / "ours"
-    shutil.rmtree(ours_dir, ignore_errors=True)  # a fresh run: the budget counts from scratch
-    entry = budget.write_entry_point(work / "entry_points")
-    env = dict(base_env, PYTHONPATH=os.pathsep.join(filter(None, [str(entry), os.environ.get("PYTHONPATH")])))
-    env[budget.ENV_VAR] = str(ours_dir / "budget_log.jsonl")
     two = {"start_epoch": args.stage_two_epoch, "lr": float(r["stage_two"]["lr"]),
            "loss": {k: float(v) for k, v in r["stage_two"]["loss"].items()}} if args.stage_two else None
-    sides.append(Side("ours", ours_command(split, r, ours_dir, args.seed, args.max_epochs, two), env, ours_dir,
-                      cores[:args.threads] if pin else None))
+    sides.append(Side("ours", ours_command(split, r, ours_dir, args.seed, args.max_epochs, two),
+                      ours_env(work, ours_dir, args.threads), ours_dir, cores[:args.threads] if pin else None))
     if want_peer:
-        peer_dir = work / "peer"
-        shutil.rmtree(peer_dir, ignore_errors=True)
         offset = 0 if args.sequential else args.threads
-        sides.append(Side("peer", peer_command(split, r, peer_dir, args.seed, args.max_epochs, two), dict(base_env), peer_dir,
-                          cores[offset:offset + args.threads] if pin else None))
+        sides.append(peer_side("peer", split, r, work / "peer", args.seed, args.threads,
+                               cores[offset:offset + args.threads] if pin else None, args.max_epochs, two))
     hp_desc = bc.hp_description(dict(r["model"]), r["batch_size"])
     payload = bc.base_payload("accuracy", args.threads, hp_desc, peer)
     run_sides(sides, args)
@@ -725,9 +755,8 @@ def main(argv=None) -> int:
             events, n = ours_events(s)
             rows.append(summarise(s, events, n, args.budget_s, "mace/cg (this project)", args.stage_two_epoch))
         else:
-            events, n = peer_events(s, args.n_train, r["batch_size"])
-            counted, peer_modules = peer_parameters(split, r, args.threads)
-            rows.append(summarise(s, events, n or counted, args.budget_s, "mace-torch", args.stage_two_epoch))
+            row, peer_modules = peer_result(s, split, r, args, "mace-torch", args.stage_two_epoch)
+            rows.append(row)
     payload["parameter_comparison"] = bc.parameter_comparison(our_parameters_by_module(split, r), peer_modules)
     if not want_peer:
         rows.append({"side": "peer", "backend": "mace-torch", "status": "skipped", "reason": peer["error"]})
