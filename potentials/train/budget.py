@@ -10,7 +10,7 @@ reached::
 
 plus one ``{"event": "start", "num_parameters": N, ...}`` line at the start of fitting. ``stage_two`` says whether
 MACE's second stage (:mod:`potentials.train.stage_two`) was active in the epoch validated, ``lr`` is the first
-parameter group's learning rate then, ``averaged_weights`` whether a weight-averaging callback (EMA, or stage
+parameter group's learning rate when the line is written (an epoch scheduler may already have stepped), ``averaged_weights`` whether a weight-averaging callback (EMA, or stage
 two's uniform average) supplied the validated weights. ``cpu_s`` is user +
 system time of this process and its waited-for children (``os.times``); ``wall`` is ``time.time()``.
 
