@@ -21,6 +21,18 @@
    loaded through Lightning's external-callback entry point). A side's result is its last validation within
    the budget; the whole curve is kept.
 
+5. ``--stage-two`` (issue 14): MACE's second stage on both sides, switching at the same 0-based epoch
+   ``--stage-two-epoch`` (default ``max_epochs//4*3``, mace-torch's rule) with ``--max-epochs`` (default 16) set on
+   both sides (``trainer.max_epochs`` / ``--max_num_epochs``): ours through the ``stage_two`` config block
+   (``stage_two.enabled=true stage_two.start_epoch=N`` + lr and loss weights), mace-torch through ``--swa
+   --start_swa N --swa_lr --swa_energy_weight --swa_forces_weight``; lr and weights are the experiment's effective
+   ``stage_two`` block (configs/train.yaml: 1e-3, E 1000, F 100 = mace-torch's defaults). Each validation is
+   marked stage one/two from the side's own record. Output defaults to ``docs/benchmarks/accuracy_stage_two.json``
+   (work dir ``runs/bench_accuracy_stage_two``) so the committed stage-one report stays::
+
+       python scripts/bench_accuracy.py --stage-two --budget-min 25 --max-wall-min 70
+       python scripts/bench_accuracy.py --smoke --stage-two --max-epochs 3 --stage-two-epoch 2 --budget-min 1 --json /tmp/acc2.json
+
 Writes ``--json OUT`` (alias ``--out``; the suffix is replaced by ``.json``), OUT ``.md`` and OUT ``.png``
 (validation RMSE vs CPU minutes). Without ``peer-venv/`` (or with ``--no-peer``) the peer row is skipped.
 """
@@ -50,11 +62,17 @@ EXPERIMENT_FILE = bc.REPO / "configs" / "experiment" / f"{EXPERIMENT}.yaml"
 TRAINER_FILE = bc.REPO / "configs" / "trainer" / "cpu.yaml"
 TRAIN_FILE = bc.REPO / "configs" / "train.yaml"
 PEER_TRAIN = bc.PEER_VENV / "bin" / "mace_run_train"
+DEFAULT_WORK = str(bc.REPO / "runs" / "bench_accuracy")
+# --stage-two defaults: the committed stage-one run (docs/benchmarks/accuracy.json, 25 CPU min, Intel Xeon) did 18
+# epochs (ours) and 16 (mace-torch); with max 16 epochs stage two starts at 16//4*3 = 12 (mace-torch's own default
+# rule), ~18 CPU min into mace-torch's run: well inside the budget on both sides, with 4 stage-two epochs
+DEFAULT_MAX_EPOCHS = 16
 TARGET_RATIO = 1.0  # issue 8: lower validation force RMSE than mace-torch at the same budget
 MACE_LINE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) \w+: (Initial|Epoch (\d+)): head: ([^,]*), loss=\s*(\S+), "
     r"RMSE_E_per_atom=\s*(\S+) meV, RMSE_F=\s*(\S+) meV / A"
 )
+MACE_STAGE_TWO = "Changing loss based on Stage Two Weights"  # logged once, before mace's first stage-two epoch
 MACE_PARAMS = re.compile(r"(?:Total number of parameters|Number of parameters)\D*(\d+)", re.IGNORECASE)
 
 
@@ -73,6 +91,7 @@ def recipe() -> dict[str, Any]:
             "loss": exp["loss"], "optim": exp["optim"], "scheduler": exp["scheduler"],
             "ema": {**yaml.safe_load(TRAIN_FILE.read_text()).get("ema", {}), **exp.get("ema", {})},
             "clip": exp.get("trainer", {}).get("gradient_clip_val", trainer.get("gradient_clip_val")),
+            "stage_two": stage_two_recipe(yaml.safe_load(TRAIN_FILE.read_text()).get("stage_two", {}), exp.get("stage_two")),
         }
     except KeyError as exc:
         raise SystemExit(f"{EXPERIMENT_FILE}: missing key {exc}") from None
@@ -86,7 +105,39 @@ def recipe() -> dict[str, Any]:
     return r
 
 
-def recipe_rows(r: dict[str, Any]) -> list[list[str]]:
+def stage_two_recipe(default: dict[str, Any], exp: dict[str, Any] | None) -> dict[str, Any]:
+    """The experiment's effective ``stage_two`` block (configs/train.yaml's, updated by the experiment's; the
+    loss weights merged key by key): lr and loss weights of MACE's second stage, used by both sides with
+    ``--stage-two`` (the start epoch and ``enabled`` come from the command line)."""
+    st = {**default, **(exp or {})}
+    st["loss"] = {**(default.get("loss") or {}), **((exp or {}).get("loss") or {})}
+    if st.get("lr") is None or not {"energy", "forces"} <= set(st["loss"]):
+        raise SystemExit(f"{TRAIN_FILE} / {EXPERIMENT_FILE}: stage_two needs lr and loss.energy/loss.forces, got {st}")
+    return st
+
+
+def stage_two_overrides(stage_two: dict[str, Any] | None) -> list[str]:
+    """Hydra overrides turning on MACE's second stage (``stage_two`` = {start_epoch, lr, loss}) for our side."""
+    if not stage_two:
+        return ["stage_two.enabled=false"]
+    return ["stage_two.enabled=true", f"stage_two.start_epoch={int(stage_two['start_epoch'])}",
+            f"stage_two.lr={float(stage_two['lr'])!r}",
+            *[f"stage_two.loss.{k}={float(v)!r}" for k, v in stage_two["loss"].items()]]
+
+
+def peer_stage_two_flags(stage_two: dict[str, Any] | None) -> list[str]:
+    """mace_run_train 0.3.16 flags of the same second stage (``--swa`` is its old name for it)."""
+    if not stage_two:
+        return []
+    loss = stage_two["loss"]
+    unsupported = {k: v for k, v in loss.items() if k not in ("energy", "forces") and float(v) != 0.0}
+    if unsupported:
+        raise SystemExit(f"stage_two.loss {unsupported}: only energy/forces weights map to mace_run_train's --loss weighted")
+    return ["--swa", "--start_swa", str(int(stage_two["start_epoch"])), "--swa_lr", str(float(stage_two["lr"])),
+            "--swa_energy_weight", str(float(loss["energy"])), "--swa_forces_weight", str(float(loss["forces"]))]
+
+
+def recipe_rows(r: dict[str, Any], stage_two: dict[str, Any] | None = None, max_epochs: int | None = None) -> list[list[str]]:
     """(setting, this project, mace-torch) rows for the report: every setting and how each side gets it."""
     m, o, s = r["model"], r["optim"], r["scheduler"]
     same = [
@@ -114,6 +165,23 @@ def recipe_rows(r: dict[str, Any]) -> list[list[str]]:
         ("gradient clipping", f"norm {r['clip']:g}", f"--clip_grad {r['clip']:g}"),
         ("validation", "every epoch, EMA weights", "--eval_interval 1, EMA weights"),
     ]
+    if max_epochs is not None:
+        same.append(("max epochs", f"trainer.max_epochs={max_epochs}", f"--max_num_epochs {max_epochs}"))
+    if stage_two:
+        n, lr, loss = stage_two["start_epoch"], stage_two["lr"], stage_two["loss"]
+        same += [
+            ("stage two: switch", f"stage_two.start_epoch={n}: epochs 0..{n - 1} (0-based) stage one, epoch {n} on "
+             "stage two", f"--swa --start_swa {n}: same epoch index (mace's 'Epoch N' log lines are 0-based too)"),
+            ("stage two: loss", f"{loss['energy']:g}·MSE(E/N) + {loss['forces']:g}·MSE(F)",
+             f"--swa_energy_weight {loss['energy']:g} --swa_forces_weight {loss['forces']:g}"),
+            ("stage two: learning rate", f"{lr:g} from the first stage-two step; plateau scheduler no longer steps",
+             f"--swa_lr {lr:g}: SWALR (anneal_epochs 1) sets it at the first stage-two epoch; plateau no longer steps"),
+        ]
+    diffs_two = [
+        ("stage two: validated weights", "uniform average of the weights after every stage-two step (restarted at "
+         "the switch; replaces the EMA)", "the EMA weights (decay 0.99, continuing across the switch): mace's "
+         "AveragedModel (swa.model) is updated once per epoch but neither validated nor checkpointed while training"),
+    ] if stage_two else []
     peer_ema = f"--ema --ema_decay {r['ema']['decay']:g}; torch_ema warm-up: min(decay, (1+n)/(10+n))"
     if r["ema"].get("warmup", True):  # configs/train.yaml default: MACE's warm-up
         same.append(("EMA", f"decay {r['ema']['decay']:g} with warm-up min(decay, (1+n)/(10+n)) (ema.warmup)", peer_ema))
@@ -130,6 +198,7 @@ def recipe_rows(r: dict[str, Any]) -> list[list[str]]:
          "checkpoint when the validation loss improves"),
         ("batches per epoch", "ceil(n_train / batch)", "floor(n_train / batch) (drop_last)"),
     ]
+    diffs += diffs_two
     return [[k, a, b, "same"] for k, a, b in same] + [[k, a, b, "differs"] for k, a, b in diffs]
 
 
@@ -173,7 +242,10 @@ def hydra_str(path: str) -> str:
     return f"'{path}'"
 
 
-def ours_command(split: dict, r: dict, run_dir: Path, seed: int) -> list[str]:
+def ours_command(split: dict, r: dict, run_dir: Path, seed: int, max_epochs: int | None = None,
+                 stage_two: dict[str, Any] | None = None) -> list[str]:
+    """Our training command line at the recipe ``r``; ``max_epochs`` (default: unlimited, the budget stops it) and
+    ``stage_two`` ({start_epoch, lr, loss}: MACE's second stage, off when None)."""
     from ase.data import chemical_symbols
 
     e0s = ",".join(f"{chemical_symbols[z]}:{e!r}" for z, e in split["e0s"].items())
@@ -184,11 +256,14 @@ def ours_command(split: dict, r: dict, run_dir: Path, seed: int) -> list[str]:
         "data.energy_key=REF_energy", "data.forces_key=REF_forces", "data.stress_key=null", f"data.e0s={{{e0s}}}",
         f"data.batch_size={r['batch_size']}", f"data.val_batch_size={r['val_batch_size']}",
         f"seed={seed}", "run_name=bench_accuracy_ours", f"hydra.run.dir={hydra_str(str(run_dir))}", "resume=false",
-        "logger=csv", "trainer.max_time=null", "trainer.max_epochs=100000", "parity_plot=false",
+        "logger=csv", "trainer.max_time=null", f"trainer.max_epochs={max_epochs or 100000}", "parity_plot=false",
+        *(stage_two_overrides(stage_two) if stage_two else []),
     ]
 
 
-def peer_command(split: dict, r: dict, work: Path, seed: int) -> list[str]:
+def peer_command(split: dict, r: dict, work: Path, seed: int, max_epochs: int | None = None,
+                 stage_two: dict[str, Any] | None = None) -> list[str]:
+    """mace_run_train's command line at the same recipe, ``max_epochs`` and ``stage_two`` as :func:`ours_command`."""
     m, o, s = r["model"], r["optim"], r["scheduler"]
     e0s = "{" + ", ".join(f"{z}: {e!r}" for z, e in split["e0s"].items()) + "}"
     cmd = [
@@ -205,12 +280,53 @@ def peer_command(split: dict, r: dict, work: Path, seed: int) -> list[str]:
         "--loss", "weighted", "--energy_weight", str(r["loss"]["energy"]), "--forces_weight", str(r["loss"]["forces"]),
         "--optimizer", o["name"], "--amsgrad", "--lr", str(o["lr"]), "--weight_decay", str(o.get("weight_decay", 0.0)),
         "--scheduler", "ReduceLROnPlateau", "--lr_factor", str(s["factor"]), "--scheduler_patience", str(s["patience"]),
-        "--clip_grad", str(r["clip"]), "--eval_interval", "1", "--max_num_epochs", "100000", "--patience", "100000",
-        "--error_table", "PerAtomRMSE",
+        "--clip_grad", str(r["clip"]), "--eval_interval", "1", "--max_num_epochs", str(max_epochs or 100000),
+        "--patience", "100000", "--error_table", "PerAtomRMSE", *peer_stage_two_flags(stage_two),
     ]
     if r["ema"].get("enabled"):
         cmd += ["--ema", "--ema_decay", str(r["ema"]["decay"])]
     return cmd
+
+
+def budget_env(threads: int) -> dict[str, str]:
+    """Environment of every budgeted training process: ``threads`` OpenMP/MKL threads, unbuffered output."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+
+
+def ours_env(work: Path, out_dir: Path, threads: int) -> dict[str, str]:
+    """:func:`budget_env` plus the CPU-stamped validation log (:mod:`potentials.train.budget`) into ``out_dir``;
+    clears ``out_dir`` (a fresh run: the budget counts from scratch)."""
+    from potentials.train import budget
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    entry = budget.write_entry_point(work / "entry_points")
+    env = dict(budget_env(threads), PYTHONPATH=os.pathsep.join(filter(None, [str(entry), os.environ.get("PYTHONPATH")])))
+    env[budget.ENV_VAR] = str(out_dir / "budget_log.jsonl")
+    return env
+
+
+def peer_train_status() -> tuple[bool, str]:
+    """(available, reason) for training mace-torch: peer-venv's Python and its ``mace_run_train``."""
+    ok, reason = bc.peer_status()
+    if ok and not PEER_TRAIN.exists():
+        return False, f"{PEER_TRAIN} missing"
+    return ok, reason
+
+
+def peer_side(name: str, split: dict, r: dict, out_dir: Path, seed: int, threads: int, cores: list[int] | None,
+              max_epochs: int | None = None, stage_two: dict[str, Any] | None = None) -> "Side":
+    """mace-torch's budgeted training run (:func:`peer_command` into a fresh ``out_dir``), not started yet."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return Side(name, peer_command(split, r, out_dir, seed, max_epochs, stage_two), budget_env(threads), out_dir, cores)
+
+
+def peer_result(side: "Side", split: dict, r: dict, args, label: str,
+                stage_two_epoch: int | None = None) -> tuple[dict[str, Any], dict | None]:
+    """(summarised row, per-module parameter counts) of a finished :func:`peer_side` run: validations parsed from
+    mace's log and CPU-stamped, parameters counted by ``scripts/peer_mace.py`` after the run."""
+    events, n = peer_events(side, args.n_train, r["batch_size"])
+    counted, modules = peer_parameters(split, r, args.threads)
+    return summarise(side, events, n or counted, args.budget_s, label, stage_two_epoch), modules
 
 
 # ------------------------------------------------------------------------------------------- CPU budget
@@ -334,17 +450,21 @@ def ours_events(side: Side) -> tuple[list[dict], int | None]:
             elif rec.get("event") == "val":
                 events.append({"epoch": rec["epoch"], "step": rec["step"], "wall": rec["wall"],
                                "cpu_s_self": rec["cpu_s"], "energy_rmse_mev_atom": rec["energy_rmse_mev_atom"],
-                               "forces_rmse_mev_A": rec["forces_rmse_mev_A"], "val_loss": rec.get("val_loss")})
+                               "forces_rmse_mev_A": rec["forces_rmse_mev_A"], "val_loss": rec.get("val_loss"),
+                               "stage": 2 if rec.get("stage_two") else 1, "lr": rec.get("lr"),
+                               "averaged_weights": rec.get("averaged_weights")})
     return events, nparams
 
 
 def peer_events(side: Side, n_train: int, batch: int) -> tuple[list[dict], int | None]:
     logs = sorted((side.out_dir / "logs").glob("peer_run-*.log")) if (side.out_dir / "logs").is_dir() else []
     path = logs[0] if logs else side.out_dir / "stdout.log"
-    events, nparams = [], None
+    events, nparams, stage = [], None, 1
     for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         if nparams is None and (mp := MACE_PARAMS.search(line)):
             nparams = int(mp.group(1))
+        if MACE_STAGE_TWO in line:  # validations logged after this line used the stage-two loss and lr
+            stage = 2
         m = MACE_LINE.match(line)
         if not m:
             continue
@@ -352,7 +472,7 @@ def peer_events(side: Side, n_train: int, batch: int) -> tuple[list[dict], int |
         epoch = int(m.group(4)) if m.group(4) is not None else -1
         events.append({"epoch": epoch, "step": (epoch + 1) * (n_train // batch), "wall": wall, "initial": epoch < 0,
                        "energy_rmse_mev_atom": float(m.group(7)), "forces_rmse_mev_A": float(m.group(8)),
-                       "val_loss": float(m.group(6))})
+                       "val_loss": float(m.group(6)), "stage": stage if epoch >= 0 else 1})
     return events, nparams
 
 
@@ -372,7 +492,21 @@ def our_parameters_by_module(split: dict, r: dict) -> dict[str, int]:
     return bc.parameters_by_module(bc.build_our_model(cfg, bc.make_stats(list(split["e0s"]), 1.0)))
 
 
-def summarise(side: Side, events: list[dict], nparams: int | None, budget_s: float, label: str) -> dict[str, Any]:
+def stage_two_summary(within: list[dict], start_epoch: int) -> dict[str, Any]:
+    """Where stage two began on one side (the first validation logged as stage two, from the side's own record) and
+    its last stage-one validation within the budget, for comparison with the final one."""
+    two = [e for e in within if e.get("stage") == 2]
+    one = [e for e in within if e.get("stage", 1) == 1]
+    first = two[0]["epoch"] if two else None
+    last_one = one[-1] if one else None
+    return {"configured_epoch": start_epoch, "first_stage_two_epoch": first, "stage_two_validations": len(two),
+            "switch_as_configured": None if first is None else first == start_epoch,
+            "last_stage_one": None if last_one is None else {
+                k: last_one[k] for k in ("epoch", "cpu_s", "energy_rmse_mev_atom", "forces_rmse_mev_A")}}
+
+
+def summarise(side: Side, events: list[dict], nparams: int | None, budget_s: float, label: str,
+              stage_two_epoch: int | None = None) -> dict[str, Any]:
     for e in events:
         e["cpu_s"] = round(side.cpu_at(e["wall"]), 2)
         e["after_stop"] = side.stop_wall is not None and e["wall"] > side.stop_wall  # e.g. ours' partial epoch on SIGTERM
@@ -390,6 +524,8 @@ def summarise(side: Side, events: list[dict], nparams: int | None, budget_s: flo
         return {**row, "status": "error", "reason": why}
     last = within[-1]
     best = min(within, key=lambda e: e["forces_rmse_mev_A"])
+    if stage_two_epoch is not None:
+        row["stage_two"] = stage_two_summary(within, stage_two_epoch)
     return {**row, "status": "ok", "epochs": last["epoch"] + 1, "steps": last["step"], "cpu_min": last["cpu_s"] / 60,
             "energy_rmse_mev_atom": last["energy_rmse_mev_atom"], "forces_rmse_mev_A": last["forces_rmse_mev_A"],
             "best_forces_rmse_mev_A": best["forces_rmse_mev_A"], "best_epoch": best["epoch"] + 1,
@@ -420,14 +556,62 @@ def plot(payload: dict, png: Path) -> None:
         style = "--" if r["side"] == "peer" else "-"
         axes[0].semilogy(x, [e["forces_rmse_mev_A"] for e in pts], style, marker=".", label=r["backend"])
         axes[1].semilogy(x, [e["energy_rmse_mev_atom"] for e in pts], style, marker=".", label=r["backend"])
+        two = [e for e in pts if e.get("stage") == 2]
+        if two:  # stage-two validations: open circles over the curve
+            for ax, key in ((axes[0], "forces_rmse_mev_A"), (axes[1], "energy_rmse_mev_atom")):
+                ax.semilogy([e["cpu_s"] / 60 for e in two], [e[key] for e in two], "o", mfc="none", ms=7,
+                            color=ax.lines[-1].get_color(), label=f"{r['backend']}: stage two")
     budget = payload["settings"]["budget_min"]
     for ax in axes:
         ax.axvline(budget, color="grey", lw=0.8, ls=":", label=f"budget {budget:g} CPU min")
     axes[0].set(xlabel="CPU minutes (user + system)", ylabel="validation force RMSE (meV/Å)", title="forces")
     axes[1].set(xlabel="CPU minutes (user + system)", ylabel="validation energy RMSE (meV/atom)", title="energy")
     st = payload["settings"]
+    two = st.get("stage_two")
     bc.save_figure(fig, axes, png, f"3BPA {st['n_train']}/{st['n_val']}, {st['threads']} thread(s) per side, "
-                   f"{payload['machine']['cpu_model']}, {payload['machine']['date'][:10]} UTC")
+                   + (f"stage two from epoch {two['start_epoch']} of {st['max_epochs']}, " if two else "")
+                   + f"{payload['machine']['cpu_model']}, {payload['machine']['date'][:10]} UTC")
+
+
+def stage_two_lines(payload: dict) -> list[str]:
+    """The report's stage-two section: the switch on each side, stage one's last result vs the final one, and every
+    validation marked stage one / stage two."""
+    st, two = payload["settings"], payload["settings"].get("stage_two")
+    if not two:
+        return []
+    ok = [r for r in payload["rows"] if r.get("status") == "ok"]
+    lines = ["", "## Stage two", "",
+             f"Both sides: stage two from epoch {two['start_epoch']} (0-based; {two['start_epoch']} stage-one epochs) of "
+             f"max {st['max_epochs']} epochs, lr {two['lr']:g}, loss {two['loss']['energy']:g}·E + {two['loss']['forces']:g}·F. "
+             "Observed switch = first validation that the side itself logged as stage two (ours: the training "
+             "module's stage-two flag in the budget log; mace-torch: validations after its 'Changing loss based on "
+             "Stage Two Weights' line).", "",
+             bc.markdown_table(
+                 ["side", "configured switch epoch", "observed first stage-two epoch", "stage-two validations",
+                  "last stage-one epoch", "E / F there (meV/atom, meV/Å)", "final epoch", "final E / F"],
+                 [[r["backend"], r["stage_two"]["configured_epoch"], r["stage_two"]["first_stage_two_epoch"]
+                   if r["stage_two"]["first_stage_two_epoch"] is not None else "not reached",
+                   r["stage_two"]["stage_two_validations"],
+                   (r["stage_two"]["last_stage_one"] or {}).get("epoch"),
+                   (f"{r['stage_two']['last_stage_one']['energy_rmse_mev_atom']:.2f} / "
+                    f"{r['stage_two']['last_stage_one']['forces_rmse_mev_A']:.1f}") if r["stage_two"]["last_stage_one"] else "–",
+                   r["epochs"] - 1, f"{r['energy_rmse_mev_atom']:.2f} / {r['forces_rmse_mev_A']:.1f}"]
+                  for r in ok if "stage_two" in r]),
+             "", "Every validation (epoch 0-based; CPU min when written; stage 1/2; † = after the budget stop):", ""]
+    curves = {r["backend"]: {e["epoch"]: e for e in r.get("curve", []) if not e.get("initial")} for r in ok}
+    epochs = sorted({ep for c in curves.values() for ep in c})
+    headers = ["epoch"] + [f"{b}: {h}" for b in curves for h in ("CPU min", "stage", "E", "F")]
+    rows = []
+    for ep in epochs:
+        row: list[Any] = [ep]
+        for c in curves.values():
+            e = c.get(ep)
+            row += ["–"] * 4 if e is None else [
+                f"{e['cpu_s'] / 60:.2f}" + ("†" if e.get("after_stop") or e["cpu_s"] > st["budget_min"] * 60 else ""),
+                str(e.get("stage", 1)), f"{e['energy_rmse_mev_atom']:.2f}", f"{e['forces_rmse_mev_A']:.1f}"]
+        rows.append(row)
+    lines.append(bc.markdown_table(headers, rows))
+    return lines
 
 
 def to_markdown(payload: dict, png_name: str | None) -> str:
@@ -439,8 +623,10 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
                    f"{cmp_['forces_diff_mev_A']:+.1f} meV/Å)")
     else:
         verdict = "not evaluated (a side has no result: see the status column)"
+    two = st.get("stage_two")
     lines = [
-        *bc.report_header("3BPA accuracy at an equal CPU budget: this project vs mace-torch", payload),
+        *bc.report_header("3BPA accuracy at an equal CPU budget: this project vs mace-torch"
+                          + (" (two-stage recipe)" if two else ""), payload),
         f"- data: {Path(st['data']).name}, seeded split (seed {st['seed']}) {st['n_train']} train / {st['n_val']} "
         f"validation, written once and read by both sides (`REF_energy`/`REF_forces`); E0s from iso_atoms.xyz",
         f"- budget: {st['budget_min']:g} CPU minutes (user + system of the process tree, start-up and data "
@@ -448,7 +634,12 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         + ("run one after the other" if st["sequential"] else "both run at once")
         + (", pinned with taskset" if st["pinned"] else ", not pinned")
         + "; each validation is stamped with the side's CPU time when it was written; result = last validation "
-        "within the budget (EMA weights on both sides)",
+        "within the budget (EMA weights on both sides" + ("; in stage two, ours the stage-two average)" if two else ")"),
+        (f"- **stage two ON** (MACE's second stage; mace-torch `--swa`): switch at epoch {two['start_epoch']} (0-based) "
+         f"on both sides, max epochs {st['max_epochs']} on both sides (`trainer.max_epochs` / `--max_num_epochs`); "
+         f"stage-two lr {two['lr']:g}, loss weights E {two['loss']['energy']:g} / F {two['loss']['forces']:g}; "
+         "see 'Stage two' below" if two else
+         "- stage two: off (stage one only" + (f"; max epochs {st['max_epochs']} on both sides)" if st.get("max_epochs") else ")")),
         "",
         "## Result",
         "",
@@ -464,6 +655,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         f"Issue-8 target (lower validation force RMSE than mace-torch at the same budget): {verdict}. "
         "The reference is mace-torch's row of this very run (same data, budget and machine), not a number "
         "remembered from another run.",
+        *stage_two_lines(payload),
         "",
         "Parameters: ours counted in the training process; mace-torch's counted on the same architecture built by "
         "`scripts/peer_mace.py` (mace_run_train 0.3.16 does not log it). "
@@ -486,7 +678,7 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=None, help="training frames (default 450; --smoke 20)")
     p.add_argument("--n-val", type=int, default=None, help="validation frames (default 50; --smoke 5)")
     p.add_argument("--data", default=str(bc.DEFAULT_3BPA), help="3BPA train_300K.xyz (iso_atoms.xyz beside it)")
-    p.add_argument("--work-dir", default=str(bc.REPO / "runs" / "bench_accuracy"))
+    p.add_argument("--work-dir", default=DEFAULT_WORK)
     p.add_argument("--seed", type=int, default=0, help="split seed and both sides' training seed")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per side")
     p.add_argument("--sequential", action="store_true", help="run the sides one after the other")
@@ -496,6 +688,12 @@ def parse_args(argv=None):
     p.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM → SIGKILL delay")
     p.add_argument("--max-wall-min", type=float, default=None, help="stop a side after this wall time (default 4×budget+5)")
     p.add_argument("--smoke", action="store_true", help="tiny run for tests: 20/5 frames, 0.5 CPU minutes")
+    p.add_argument("--stage-two", action="store_true", help="MACE's second stage on both sides (ours: stage_two config "
+                   "block; mace-torch: --swa --start_swa N ...), lr and loss weights from the experiment's stage_two")
+    p.add_argument("--max-epochs", type=int, default=None, help="max epochs on both sides (default: 16 with --stage-two, "
+                   "else unlimited: the budget stops the runs)")
+    p.add_argument("--stage-two-epoch", type=int, default=None,
+                   help="0-based epoch at which stage two starts on both sides (default max_epochs//4*3, mace-torch's rule)")
     args = p.parse_args(argv)
     args.budget_min = args.budget_min if args.budget_min is not None else (0.5 if args.smoke else 25.0)
     args.n_train = args.n_train if args.n_train is not None else (20 if args.smoke else 450)
@@ -503,6 +701,20 @@ def parse_args(argv=None):
     args.poll_s = args.poll_s if args.poll_s is not None else (1.0 if args.smoke else 2.0)
     args.budget_s = args.budget_min * 60.0
     args.max_wall_s = 60.0 * (args.max_wall_min if args.max_wall_min is not None else 4 * args.budget_min + 5)
+    if args.stage_two_epoch is not None and not args.stage_two:
+        p.error("--stage-two-epoch needs --stage-two")
+    if args.stage_two:
+        args.max_epochs = args.max_epochs if args.max_epochs is not None else DEFAULT_MAX_EPOCHS
+        if args.stage_two_epoch is None:
+            args.stage_two_epoch = max(1, args.max_epochs // 4 * 3)
+        if not 1 <= args.stage_two_epoch < args.max_epochs:
+            p.error(f"--stage-two-epoch must be in [1, --max-epochs) = [1, {args.max_epochs}), got {args.stage_two_epoch}")
+        if args.json is None and not args.smoke:  # never overwrite the committed stage-one report
+            args.json = str(bc.DOCS / "accuracy_stage_two.json")
+        if args.work_dir == DEFAULT_WORK:
+            args.work_dir = DEFAULT_WORK + "_stage_two"
+    if args.max_epochs is not None and args.max_epochs < 1:
+        p.error("--max-epochs must be positive")
     if args.budget_min <= 0 or args.n_train <= 0 or args.n_val <= 0 or args.threads <= 0:
         p.error("--budget-min, --n-train, --n-val and --threads must be positive")
     return args
@@ -513,9 +725,7 @@ def main(argv=None) -> int:
     r = recipe()
     work = Path(args.work_dir).resolve()
     split = write_split(Path(args.data), work, args.n_train, args.n_val, args.seed)
-    peer_ok, peer_reason = bc.peer_status()
-    if peer_ok and not PEER_TRAIN.exists():
-        peer_ok, peer_reason = False, f"{PEER_TRAIN} missing"
+    peer_ok, peer_reason = peer_train_status()
     want_peer = peer_ok and not args.no_peer
     peer = bc.peer_info(args.threads) if want_peer else {"error": "--no-peer" if args.no_peer else peer_reason}
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -525,23 +735,16 @@ def main(argv=None) -> int:
     if not args.no_pin and not pin:
         print(f"not pinning: taskset {'missing' if not shutil.which('taskset') else f'needs {need} cores, {len(cores)} available'}")
 
-    from potentials.train import budget
-
-    base_env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     sides = []
     ours_dir = work / "ours"
-    shutil.rmtree(ours_dir, ignore_errors=True)  # a fresh run: the budget counts from scratch
-    entry = budget.write_entry_point(work / "entry_points")
-    env = dict(base_env, PYTHONPATH=os.pathsep.join(filter(None, [str(entry), os.environ.get("PYTHONPATH")])))
-    env[budget.ENV_VAR] = str(ours_dir / "budget_log.jsonl")
-    sides.append(Side("ours", ours_command(split, r, ours_dir, args.seed), env, ours_dir,
-                      cores[:args.threads] if pin else None))
+    two = {"start_epoch": args.stage_two_epoch, "lr": float(r["stage_two"]["lr"]),
+           "loss": {k: float(v) for k, v in r["stage_two"]["loss"].items()}} if args.stage_two else None
+    sides.append(Side("ours", ours_command(split, r, ours_dir, args.seed, args.max_epochs, two),
+                      ours_env(work, ours_dir, args.threads), ours_dir, cores[:args.threads] if pin else None))
     if want_peer:
-        peer_dir = work / "peer"
-        shutil.rmtree(peer_dir, ignore_errors=True)
         offset = 0 if args.sequential else args.threads
-        sides.append(Side("peer", peer_command(split, r, peer_dir, args.seed), dict(base_env), peer_dir,
-                          cores[offset:offset + args.threads] if pin else None))
+        sides.append(peer_side("peer", split, r, work / "peer", args.seed, args.threads,
+                               cores[offset:offset + args.threads] if pin else None, args.max_epochs, two))
     hp_desc = bc.hp_description(dict(r["model"]), r["batch_size"])
     payload = bc.base_payload("accuracy", args.threads, hp_desc, peer)
     run_sides(sides, args)
@@ -550,26 +753,26 @@ def main(argv=None) -> int:
     for s in sides:
         if s.name == "ours":
             events, n = ours_events(s)
-            rows.append(summarise(s, events, n, args.budget_s, "mace/cg (this project)"))
+            rows.append(summarise(s, events, n, args.budget_s, "mace/cg (this project)", args.stage_two_epoch))
         else:
-            events, n = peer_events(s, args.n_train, r["batch_size"])
-            counted, peer_modules = peer_parameters(split, r, args.threads)
-            rows.append(summarise(s, events, n or counted, args.budget_s, "mace-torch"))
+            row, peer_modules = peer_result(s, split, r, args, "mace-torch", args.stage_two_epoch)
+            rows.append(row)
     payload["parameter_comparison"] = bc.parameter_comparison(our_parameters_by_module(split, r), peer_modules)
     if not want_peer:
         rows.append({"side": "peer", "backend": "mace-torch", "status": "skipped", "reason": peer["error"]})
     payload["machine"]["load_average_end"] = bc.load_average()
     payload.update(
-        rows=rows, comparison=compare(rows), recipe=recipe_rows(r), commands={s.name: s.cmd for s in sides},
+        rows=rows, comparison=compare(rows), recipe=recipe_rows(r, two, args.max_epochs), commands={s.name: s.cmd for s in sides},
         settings={"budget_min": args.budget_min, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed,
                   "threads": args.threads, "sequential": args.sequential, "pinned": pin, "poll_s": args.poll_s,
                   "data": split["source"], "e0s": split["e0s"], "valid_indices": split["split_indices"]["valid"],
-                  "work_dir": str(work), "smoke": args.smoke},
+                  "work_dir": str(work), "smoke": args.smoke, "max_epochs": args.max_epochs, "stage_two": two},
     )
     for row in rows:
         if row["status"] == "ok":
             print(f"[{row['side']}] {row['epochs']} epochs, {row['cpu_min']:.2f} CPU min: val E {row['energy_rmse_mev_atom']:.2f} "
-                  f"meV/atom, F {row['forces_rmse_mev_A']:.2f} meV/Å")
+                  f"meV/atom, F {row['forces_rmse_mev_A']:.2f} meV/Å"
+                  + (f"; stage two {row['stage_two']}" if "stage_two" in row else ""))
         else:
             print(f"[{row['side']}] {row['status']}: {row.get('reason')}")
     json_path = Path(args.json).with_suffix(".json") if args.json else None

@@ -1,32 +1,37 @@
 #!/usr/bin/env python
 """Time to accuracy on 3BPA: CPU time each model needs to reach given validation force RMSEs (issue 13).
 
-    taskset -c 1 python scripts/bench_time_to_accuracy.py --json docs/benchmarks/time_to_accuracy.json \\
-        [--budget-min 25] [--targets 80,60,50] [--models facet_s,mace]
+    python scripts/bench_time_to_accuracy.py --json docs/benchmarks/time_to_accuracy.json \\
+        [--budget-min 25] [--targets 80,60,50] [--models facet_s,mace,mace_torch] [--cores 0,1]
     python scripts/bench_time_to_accuracy.py --smoke --json /tmp/tta.json     # tiny: 20/5 frames, 0.5 CPU-min
 
 Each model is one ``scripts/train.py +experiment=<experiment>`` command pointed at the same seeded 450/50 split
 of ``train_300K.xyz`` (written by :func:`bench_accuracy.write_split`): ``facet_s`` →
 ``3bpa_facet_s_cpu_budget`` (configs/model/facet_s.yaml), ``mace`` → ``3bpa_mace_cpu_budget`` (our MACE at the
 issue-8 reference size = configs/model/mace_s.yaml). Both experiments share one recipe (loss 1/1000, AMSGrad
-lr 0.01, batch 5, EMA 0.99, plateau 0.8/5, float64). The training processes run with ``--threads`` torch
-threads, pinned with ``taskset`` to ``--cores`` (default: core 1 for every model, run at the same time: the
-budget is *process CPU time*, user + system of the process tree, so sharing a core changes wall time, not the
-result), and are stopped at ``--budget-min`` CPU minutes (:class:`bench_accuracy.Side`). Every validation
-(every epoch, EMA weights) is stamped with the CPU time it was written at (:mod:`potentials.train.budget`).
+lr 0.01, batch 5, EMA 0.99, plateau 0.8/5, float64). ``mace_torch`` (the outside reference, at its usual size:
+the issue-8 reference ScaleShiftMACE, 32x0e+32x1o) is exactly bench_accuracy.py's peer run
+(:func:`bench_accuracy.peer_side`: ``peer-venv/bin/mace_run_train`` with the flags of the same
+``3bpa_mace_cpu_budget`` recipe, same split files), its validations read from mace's log lines and stamped with
+CPU time the same way, its parameter count from ``scripts/peer_mace.py``; included by default when ``peer-venv``
+exists, a skipped row with the reason otherwise. The training processes run at the same time (``--sequential``:
+one after the other) with ``--threads`` torch threads each, and are stopped at ``--budget-min`` CPU minutes
+(:class:`bench_accuracy.Side`). Pinning: by default none (``--cores ''``): three single-thread processes on a
+2-core machine are spread by the OS scheduler (~1.5× the budget in wall time); ``--cores 1`` pins every model
+to core 1 (~3× the budget). The budget is *process CPU time* (user + system of the process tree), so sharing
+cores changes wall time, not the result (up to cache contention, which hits every model alike). Every
+validation (every epoch, EMA weights) is stamped with the CPU time it was written at (:mod:`potentials.train.budget`).
 
 Reported per model: parameters, the validation energy/force RMSE curve against CPU minutes, the CPU minutes of
 the first validation at or below each target force RMSE ("not reached" otherwise), and the final values.
 For Facet, the relative rotation (and rotation-reflection) force-equivariance error of the trained model
 (last checkpoint, float64, its configured grid) on validation frames is measured after the run.
-mace-torch (the outside reference) runs only where ``peer-venv`` exists; otherwise the row says why.
 Writes ``--json OUT``, OUT ``.md`` and OUT ``.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,8 +43,11 @@ import bench_accuracy as ba  # noqa: E402
 import bench_common as bc  # noqa: E402
 
 EXPERIMENTS = {"facet_s": "3bpa_facet_s_cpu_budget", "mace": "3bpa_mace_cpu_budget"}
+PEER = "mace_torch"  # bench_accuracy.py's peer run: mace_run_train at the 3bpa_mace_cpu_budget recipe
+MODELS = (*EXPERIMENTS, PEER)
 EQUIVARIANCE_GRIDS = ("16,16", "18,18", "24,24", "32,32")  # the L=2 default, facet_s's, two finer
-LABELS = {"facet_s": "Facet-S (this project, facet_s)", "mace": "MACE/cg (this project, mace_s size)"}
+LABELS = {"facet_s": "Facet-S (this project, facet_s)", "mace": "MACE/cg (this project, mace_s size)",
+          PEER: "mace-torch (outside reference, same size)"}
 
 
 def train_command(name: str, split: dict, run_dir: Path, seed: int) -> list[str]:
@@ -53,7 +61,8 @@ def time_to_targets(curve: list[dict], targets: list[float]) -> dict[str, float 
     """CPU minutes of the first validation (within the budget) with force RMSE ≤ each target (meV/Å)."""
     out = {}
     for t in targets:
-        hit = next((e for e in curve if not e.get("after_stop") and e["forces_rmse_mev_A"] <= t), None)
+        hit = next((e for e in curve if not e.get("after_stop") and not e.get("initial")
+                    and e["forces_rmse_mev_A"] <= t), None)
         out[f"{t:g}"] = None if hit is None else round(hit["cpu_s"] / 60.0, 3)
     return out
 
@@ -134,19 +143,20 @@ def post_measurements(payload: dict, work: Path, valid: str) -> None:
 
 def rmse_at(curve: list[dict], cpu_min: float) -> float | str:
     """Force RMSE of the last validation written at or before ``cpu_min`` CPU minutes ('–' if none yet)."""
-    pts = [e for e in curve if not e.get("after_stop") and e["cpu_s"] <= cpu_min * 60.0]
+    pts = [e for e in curve if not e.get("after_stop") and not e.get("initial") and e["cpu_s"] <= cpu_min * 60.0]
     return round(pts[-1]["forces_rmse_mev_A"], 1) if pts else "–"
 
 
 def plot(payload: dict, png: Path) -> None:
     fig, axes = bc.new_figure(2, (11, 4.2))
     for r in payload["rows"]:
-        pts = [e for e in r.get("curve", []) if not e.get("after_stop")]
+        pts = [e for e in r.get("curve", []) if not e.get("after_stop") and not e.get("initial")]
         if not pts:
             continue
         x = [e["cpu_s"] / 60 for e in pts]
-        axes[0].semilogy(x, [e["forces_rmse_mev_A"] for e in pts], marker=".", label=r["label"])
-        axes[1].semilogy(x, [e["energy_rmse_mev_atom"] for e in pts], marker=".", label=r["label"])
+        style = "--" if r["side"] == PEER else "-"
+        axes[0].semilogy(x, [e["forces_rmse_mev_A"] for e in pts], style, marker=".", label=r["label"])
+        axes[1].semilogy(x, [e["energy_rmse_mev_atom"] for e in pts], style, marker=".", label=r["label"])
     for t in payload["settings"]["targets"]:
         axes[0].axhline(t, color="grey", lw=0.7, ls=":")
     axes[0].set(xlabel="CPU minutes (user + system)", ylabel="validation force RMSE (meV/Å)", title="forces")
@@ -168,14 +178,20 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
                        for t in targets],
                      r["status"] + (f": {r['reason']}" if r.get("reason") else "")])
     lines = [
-        "# 3BPA time to accuracy: Facet-S vs our MACE (CPU time to reach a validation force RMSE)", "",
+        "# 3BPA time to accuracy: Facet-S vs our MACE vs mace-torch (CPU time to reach a validation force RMSE)", "",
         f"Command: `{payload['command']}`", "", bc.machine_markdown(payload["machine"], payload["peer"]),
         "- models: " + "; ".join(f"{m} = `+experiment={e}`" for m, e in payload["hyperparameters"]["experiments"].items())
-        + " (one recipe: loss 1·E + 1000·F, AMSGrad lr 0.01, batch 5, EMA 0.99, plateau 0.8/5, float64)",
+        + " (one recipe: loss 1·E + 1000·F, AMSGrad lr 0.01, batch 5, EMA 0.99, plateau 0.8/5, float64)"
+        + ("; mace_torch = `mace_run_train` with the flags of the same `3bpa_mace_cpu_budget` recipe, built by "
+           "bench_accuracy.py (its peer command, below), validations from its log lines, 'Initial' (untrained) "
+           "validation excluded" if PEER in payload["hyperparameters"].get("peer_command", {}) else ""),
         f"- data: {Path(st['data']).name}, seeded split (seed {st['seed']}) {st['n_train']} train / {st['n_val']} validation",
         f"- budget: {st['budget_min']:g} CPU minutes per model (user + system of the training process tree, start-up, "
         f"data loading and every validation included); {st['threads']} torch thread(s); "
-        + ("pinned to core(s) " + ",".join(map(str, st["cores"])) if st["cores"] else "not pinned")
+        + ("every model pinned to core(s) " + ",".join(map(str, st["cores"])) if st["cores"] else
+           f"not pinned ({len(st.get('models', [])) or '?'} single-thread processes share the machine's "
+           f"{payload['machine']['cores_available']} cores through the OS scheduler; CPU time, not wall time, is the "
+           "budget, so sharing changes wall time, not the result)")
         + ("; models run at the same time" if not st["sequential"] else "; models run one after the other"),
         "",
         "## Result",
@@ -188,6 +204,12 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
               bc.markdown_table(["model"] + [f"{m:g} CPU min" for m in marks],
                                 [[r["label"], *[rmse_at(r.get("curve", []), m) for m in marks]]
                                  for r in payload["rows"] if r.get("curve")])]
+    if payload.get("parameter_comparison"):
+        lines += ["", "MACE/cg vs mace-torch, " + payload["parameter_comparison"][0].lower() + payload["parameter_comparison"][1:]
+                  + " mace-torch's counted on the same architecture built by `scripts/peer_mace.py`."]
+    peer_cmd = payload["hyperparameters"].get("peer_command", {}).get(PEER)
+    if peer_cmd:
+        lines += ["", f"mace-torch command: `{' '.join(peer_cmd)}`"]
     eq = payload.get("facet_equivariance")
     if eq:
         lines += ["", "Facet-S rotation-equivariance after training (last checkpoint, float64, grid "
@@ -216,14 +238,16 @@ def parse_args(argv=None):
     p.add_argument("--json", "--out", dest="json", help="report path (.json; .md and .png beside)")
     p.add_argument("--budget-min", type=float, default=None, help="CPU minutes per model (default 25; --smoke 0.5)")
     p.add_argument("--targets", default="80,60,50", help="force RMSE targets (meV/Å), comma-separated")
-    p.add_argument("--models", default="facet_s,mace", help=f"comma-separated, from {sorted(EXPERIMENTS)}")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)} ({PEER} is "
+                   "skipped with the reason when peer-venv is absent)")
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-val", type=int, default=None)
     p.add_argument("--data", default=str(bc.DEFAULT_3BPA), help="3BPA train_300K.xyz (iso_atoms.xyz beside it)")
     p.add_argument("--work-dir", default=str(bc.REPO / "runs" / "bench_time_to_accuracy"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cores", default="1", help="cores every model is pinned to ('' = not pinned)")
+    p.add_argument("--cores", default="", help="cores every model is pinned to with taskset (default '': not pinned, "
+                   "the OS spreads the models over the cores; e.g. '1' = all on core 1)")
     p.add_argument("--sequential", action="store_true", help="run the models one after the other")
     p.add_argument("--poll-s", type=float, default=None)
     p.add_argument("--grace-s", type=float, default=30.0)
@@ -247,9 +271,9 @@ def parse_args(argv=None):
     except ValueError as exc:
         p.error(f"--targets / --cores must be comma-separated numbers: {exc}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in EXPERIMENTS]
+    unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
-        p.error(f"--models: unknown {unknown}; known {sorted(EXPERIMENTS)}")
+        p.error(f"--models: unknown {unknown}; known {list(MODELS)}")
     if args.budget_min <= 0 or args.n_train <= 0 or args.n_val <= 0 or args.threads <= 0 or not args.targets:
         p.error("--budget-min, --n-train, --n-val, --threads must be positive and --targets non-empty")
     return args
@@ -278,36 +302,47 @@ def main(argv=None) -> int:
     work = Path(args.work_dir).resolve()
     split = ba.write_split(Path(args.data), work, args.n_train, args.n_val, args.seed)
     pin = bool(args.cores) and shutil.which("taskset") is not None
-    from potentials.train import budget
-
-    base_env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
-    entry = budget.write_entry_point(work / "entry_points")
+    cores = args.cores if pin else None
+    peer_ok, peer_reason = ba.peer_train_status()
+    want_peer = PEER in args.models and peer_ok
+    r = ba.recipe()  # mace-torch's flags: the same recipe bench_accuracy.py gives it
     sides = []
     for name in args.models:
         out_dir = work / name
-        shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: the budget counts from scratch
-        env = dict(base_env, PYTHONPATH=os.pathsep.join(filter(None, [str(entry), os.environ.get("PYTHONPATH")])))
-        env[budget.ENV_VAR] = str(out_dir / "budget_log.jsonl")
-        sides.append(ba.Side(name, train_command(name, split, out_dir, args.seed), env, out_dir, args.cores if pin else None))
-    peer_ok, peer_reason = bc.peer_status()
-    payload = bc.base_payload("time_to_accuracy", args.threads, {"experiments": {m: EXPERIMENTS[m] for m in args.models}},
-                              bc.peer_info(args.threads) if peer_ok else {"error": peer_reason})
+        if name == PEER:
+            if want_peer:
+                sides.append(ba.peer_side(name, split, r, out_dir, args.seed, args.threads, cores))
+            continue
+        sides.append(ba.Side(name, train_command(name, split, out_dir, args.seed), ba.ours_env(work, out_dir, args.threads),
+                             out_dir, cores))
+    hp = {"experiments": {m: EXPERIMENTS[m] for m in args.models if m in EXPERIMENTS},
+          "peer_command": {s.name: s.cmd for s in sides if s.name == PEER}}
+    payload = bc.base_payload("time_to_accuracy", args.threads, hp,
+                              bc.peer_info(args.threads) if want_peer else {"error": peer_reason if peer_ok is False
+                                                                            else f"{PEER} not in --models"})
     ba.run_sides(sides, args)
-    rows = []
+    rows, peer_modules = [], None
     for s in sides:
-        events, n = ba.ours_events(s)
-        row = ba.summarise(s, events, n, args.budget_s, s.name)
+        if s.name == PEER:
+            row, peer_modules = ba.peer_result(s, split, r, args, s.name)
+        else:
+            events, n = ba.ours_events(s)
+            row = ba.summarise(s, events, n, args.budget_s, s.name)
         row["label"] = LABELS[s.name]
         row["time_to_target_cpu_min"] = time_to_targets(row.get("curve", []), args.targets)
         rows.append(row)
-    rows.append({"side": "mace-torch", "label": "mace-torch (outside reference)", "status": "skipped",
-                 "reason": peer_reason if not peer_ok else "not wired into this benchmark yet (see bench_accuracy.py)"})
+    if not want_peer:
+        rows.append({"side": PEER, "label": LABELS[PEER], "status": "skipped",
+                     "reason": peer_reason if PEER in args.models else f"not in --models ({','.join(args.models)})"})
+    if peer_modules and "mace" in args.models:
+        payload["parameter_comparison"] = bc.parameter_comparison(ba.our_parameters_by_module(split, r), peer_modules)
     payload["machine"]["load_average_end"] = bc.load_average()
     payload.update(rows=rows)
     post_measurements(payload, work, split["files"]["valid"])
     payload.update(commands={s.name: s.cmd for s in sides}, settings={
         "budget_min": args.budget_min, "targets": args.targets, "n_train": args.n_train, "n_val": args.n_val,
         "seed": args.seed, "threads": args.threads, "cores": args.cores if pin else [], "sequential": args.sequential,
+        "models": args.models,
         "data": split["source"], "work_dir": str(work), "smoke": args.smoke})
     for r in rows:
         print(f"[{r['label']}] {r['status']}: F {r.get('forces_rmse_mev_A')} meV/Å at {r.get('cpu_min')} CPU min; "

@@ -137,3 +137,33 @@ def test_resume_across_the_switch_is_exact(demo_file, tmp_path, monkeypatch):
     assert ema_state["switch_step"] == 16
     assert not all(torch.equal(v, a["current_model_state"][k]) for k, v in a["state_dict"].items())
     assert lr_by_step(whole["run_dir"]) == {0: 0.01, 8: 0.01, 16: 0.002, 24: 0.002}
+
+
+def test_budget_log_marks_stage_two_validations(tmp_path):
+    """The CPU-budget benchmarks' validation log (potentials.train.budget) says which validations ran in stage two,
+    at which lr, and that averaged weights were validated — bench_accuracy.py --stage-two reads the stage from it."""
+    import json
+
+    from potentials.train.budget import BudgetLog
+
+    class ValToy(Toy):
+        def validation_step(self, batch, _):
+            x, y = batch
+            err = ((self.lin(x) - y) ** 2).mean().sqrt()
+            self.log("val_energy_rmse", err)
+            self.log("val_forces_rmse", err)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=4)
+    stage = StageTwo(start_epoch=2, lr=0.01, loss={"energy": 7.0})
+    log = tmp_path / "budget_log.jsonl"
+    trainer = pl.Trainer(max_epochs=4, callbacks=[stage, EMA(decay=0.9, stage_two=stage), BudgetLog(log)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(ValToy(), loader, loader)
+    vals = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "val"]
+    assert [r["epoch"] for r in vals] == [0, 1, 2, 3]
+    assert [r["stage_two"] for r in vals] == [False, False, True, True]
+    assert all(r["lr"] > 0.01 for r in vals[:2]) and [r["lr"] for r in vals[2:]] == [0.01, 0.01]
+    assert all(r["averaged_weights"] for r in vals)

@@ -5,9 +5,13 @@ at once, so that a run killed by an outside budget (``scripts/bench_accuracy.py`
 reached::
 
     {"event": "val", "epoch": 3, "step": 360, "cpu_s": 512.3, "wall": 1767000000.1,
-     "energy_rmse_mev_atom": 1.9, "forces_rmse_mev_A": 61.2, "val_loss": 3.7}
+     "energy_rmse_mev_atom": 1.9, "forces_rmse_mev_A": 61.2, "val_loss": 3.7,
+     "stage_two": false, "lr": 0.01, "averaged_weights": true}
 
-plus one ``{"event": "start", "num_parameters": N, ...}`` line at the start of fitting. ``cpu_s`` is user +
+plus one ``{"event": "start", "num_parameters": N, ...}`` line at the start of fitting. ``stage_two`` says whether
+MACE's second stage (:mod:`potentials.train.stage_two`) was active in the epoch validated, ``lr`` is the first
+parameter group's learning rate when the line is written (an epoch scheduler may already have stepped), ``averaged_weights`` whether a weight-averaging callback (EMA, or stage
+two's uniform average) supplied the validated weights. ``cpu_s`` is user +
 system time of this process and its waited-for children (``os.times``); ``wall`` is ``time.time()``.
 
 Wiring without touching the training code: Lightning loads extra callbacks from the entry-point group
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 ENV_VAR = "POTENTIALS_BUDGET_LOG"
 ENTRY_GROUP = "lightning.pytorch.callbacks_factory"
@@ -67,7 +71,9 @@ class BudgetLog(Callback):
         self._write({
             "event": "val", "epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
             "energy_rmse_mev_atom": get("val_energy_rmse", 1000.0), "forces_rmse_mev_A": get("val_forces_rmse", 1000.0),
-            "val_loss": get("val_loss"),
+            "val_loss": get("val_loss"), "stage_two": bool(getattr(pl_module, "stage_two_active", False)),
+            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,
+            "averaged_weights": any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks),
         })
 
 
