@@ -219,19 +219,16 @@ def head_grown_state(model: torch.nn.Module, old_state: dict[str, torch.Tensor],
         elif leaf in ("output_mask", "bias") and old.shape != target.shape:
             out[key] = target
         elif isinstance(owner, o3.Linear) and leaf == "weight" and owner.irreps_out == o3.Irreps(f"{H}x0e"):
-            n_in = owner.irreps_in.num_irreps
-            if n_in % H == 0 and owner.irreps_in == o3.Irreps(f"{n_in}x0e") and ".linear_2" in key:  # per-head MLP blocks
-                hidden, ho = n_in // H, Ho
-                w_old = old.view(hidden * ho, ho)
+            if ".linear_2" in key:  # per-head MLP blocks [hidden·H, H], block-diagonal in use
+                hidden = old.numel() // (Ho * Ho)
+                w_old = old.view(hidden * Ho, Ho)
                 w = torch.zeros(hidden * H, H, dtype=old.dtype)
                 for k, s in enumerate(sources):
-                    w[k * hidden:(k + 1) * hidden, k] = w_old[s * hidden:(s + 1) * hidden, s] * math.sqrt(H / ho)
+                    w[k * hidden:(k + 1) * hidden, k] = w_old[s * hidden:(s + 1) * hidden, s] * math.sqrt(H / Ho)
                 out[key] = w.reshape(-1)
             else:  # a Linear readout: one column per head
-                out[key] = old.view(n_in, Ho)[:, src].reshape(-1)
+                out[key] = old.view(-1, Ho)[:, src].reshape(-1)
         elif isinstance(owner, o3.Linear) and leaf == "weight" and ".linear_1" in key:
-            c_in = owner.irreps_in.num_irreps
             hidden = owner.irreps_out.num_irreps // H
-            w_old = old.view(c_in, Ho, hidden)
-            out[key] = w_old[:, src].reshape(-1)
+            out[key] = old.view(-1, Ho, hidden)[:, src].reshape(-1)
     return out
