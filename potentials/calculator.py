@@ -50,9 +50,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     return ckpt
 
 
-def model_from_checkpoint(path: str | os.PathLike, device="cpu", **overrides) -> torch.nn.Module:
+def model_from_checkpoint(path: str | os.PathLike, device="cpu", head: str | None = None, **overrides) -> torch.nn.Module:
     """Rebuild the model of a checkpoint (EMA weights when EMA was used) in eval mode.
 
+    ``head``: the head used for structures without a head index (multi-head models; default: the first head);
+    an unknown name raises :class:`PotentialsError` naming the available heads.
     ``overrides`` may set options that do not change the weights: ``tp`` (tensor-product engine; only
     between engines with the same parameterisation) and ``dtype`` (``float32``/``float64``).
     """
@@ -71,7 +73,12 @@ def model_from_checkpoint(path: str | os.PathLike, device="cpu", **overrides) ->
         if key == "grid_res" and isinstance(value, str):  # e.g. "20,20" from a command line
             value = [int(v) for v in value.replace("x", ",").split(",")]
         model_cfg[key] = value
+    heads = [str(h) for h in (hp["stats"].get("heads") or {})] or ["default"]
+    if head is not None and str(head) not in heads:
+        raise PotentialsError(f"checkpoint {os.fspath(path)!r} has no head {head!r} (heads: {heads})")
     model = build_model(model_cfg, hp["stats"])
+    if head is not None:
+        model.select_head(str(head))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
@@ -112,12 +119,14 @@ class PotentialCalculator(Calculator):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, device="cpu", compile: bool = False, uncertainty: str | None = None, **overrides
+        cls, path: str | os.PathLike, device="cpu", compile: bool = False, uncertainty: str | None = None,
+        head: str | None = None, **overrides
     ) -> "PotentialCalculator":
-        """Load a checkpoint in one line; ``overrides`` as in :func:`model_from_checkpoint`; ``compile=True``
+        """Load a checkpoint in one line; ``head`` picks the head of a multi-head model (default: its first;
+        ``calc.model.heads`` lists them); ``overrides`` as in :func:`model_from_checkpoint`; ``compile=True``
         evaluates through the traced and compiled graph (:mod:`potentials.models.compiled`); ``uncertainty="llpr"``
         adds the spread keys from the fit stored next to the checkpoint (``scripts/fit_uncertainty.py``)."""
-        model = model_from_checkpoint(path, device=device, **overrides)
+        model = model_from_checkpoint(path, device=device, head=head, **overrides)
         if uncertainty is None:
             return cls(model, device=device, compile=compile)
         from potentials.uncertainty.llpr import load_estimator

@@ -8,6 +8,10 @@
 Prints per-file (or per test set: 3BPA 300K/600K/1200K/dihedral scans, one row each) RMSE/MAE of energy per
 atom (meV/atom), forces (meV/Å) and stress (meV/Å³, where present).
 
+Multi-head checkpoints (``data=multi``): ``--head NAME`` evaluates every file on that head (default: the first),
+``--head all`` on every head, one row per file and head (``file@head``); ``--head NAME=FILE ...`` pairs are also
+accepted (``--head mptrj=mp_test.xyz oc20=oc_test.xyz``) to evaluate each file on its own head.
+
 With ``--format``, the data settings (OC20 energy reference, MPtrj corrected/uncorrected energy, outlier
 filter, ...) default to the ones the checkpoint was trained with (stored in the checkpoint, else the run's
 ``.hydra/config.yaml``; else the format's defaults, which it says), and ``--data KEY=VALUE`` overrides them
@@ -218,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--stress-key", help="key of the stress (default stress)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--head", nargs="+", default=[], metavar="NAME|all|NAME=FILE",
+                   help="multi-head checkpoints: the head(s) to evaluate on (default: the first head)")
     p.add_argument("--tp", help="evaluate with another tensor-product engine (same weights)")
     p.add_argument("--compile", action="store_true", help="evaluate through the traced + compiled graph")
     p.add_argument("--uncertainty", choices=["llpr", "llpr-jacobian", "committee"], help="also report the calibration of this spread")
@@ -233,7 +239,7 @@ def main(argv=None) -> int:
     from potentials.data.dataset import GraphDataset
     from potentials.train.evaluation import error_table, parity_plot, predict
 
-    if not args.files and not args.format:
+    if not args.files and not args.format and not any("=" in h for h in args.head):
         raise PotentialsError("give structure files, or --format with --root")
     overrides = {"tp": args.tp} if args.tp else {}
     model = model_from_checkpoint(args.checkpoint, device=args.device, **overrides)
@@ -268,26 +274,39 @@ def main(argv=None) -> int:
             sets.append((split, lambda split=split: load_dataset(
                 fmt, root=args.root, split=split, cutoff=model.r_max, cache_dir=args.cache_dir, **options,
             )))
-    results, all_preds, all_numbers = {}, {}, []
+    pairs = [h.partition("=") for h in args.head]
+    sets += [(f, None) for name, eq, f in pairs if eq and f not in args.files]
+    runs = []  # (row name, set name, loader, head or None)
     for f, load in sets:
-        ds = load() if load is not None else GraphDataset.from_files(
-            [f], model.r_max, energy_key=args.energy_key or "energy", forces_key=args.forces_key or "forces",
-            stress_key=args.stress_key or "stress",
-        )
-        if load is not None:
-            drops[f] = describe_drops(f, ds)
+        paired = [name for name, eq, g in pairs if eq and g == f]
+        plain = [name for name, eq, _ in pairs if not eq]
+        heads = paired or (model.heads if plain == ["all"] else plain) or [None]
+        for h in heads:
+            runs.append((f if h is None or len(model.heads) == 1 and not paired else f"{f}@{h}", f, load, h))
+    results, all_preds, all_numbers, loaded = {}, {}, [], {}
+    for row, f, load, head in runs:
+        if head is not None:
+            model.select_head(head)  # unknown: one line naming the available heads
+        if f not in loaded:
+            loaded[f] = load() if load is not None else GraphDataset.from_files(
+                [f], model.r_max, energy_key=args.energy_key or "energy", forces_key=args.forces_key or "forces",
+                stress_key=args.stress_key or "stress",
+            )
+            if load is not None:
+                drops[f] = describe_drops(f, loaded[f])
+        ds = loaded[f]
         preds, numbers = predict(
             model, [ds[i] for i in range(len(ds))], batch_size=args.batch_size, device=args.device, return_numbers=True,
             compile=args.compile,
         )
         if "forces" in numbers:
             all_numbers.append(numbers["forces"])
-        results[f] = {"n_structures": len(ds), **error_table(preds)}
+        results[row] = {"n_structures": len(ds), **error_table(preds), **({"head": head} if head else {})}
         if f in drops:
-            results[f]["dropped"] = drops[f]
-            results[f]["data_options"] = options
+            results[row]["dropped"] = drops[f]
+            results[row]["data_options"] = options
         if args.uncertainty:
-            unc_sets[f] = unc.predict_with_uncertainty(estimator, [ds[i] for i in range(len(ds))], args.batch_size, args.device, f)
+            unc_sets[row] = unc.predict_with_uncertainty(estimator, [ds[i] for i in range(len(ds))], args.batch_size, args.device, f)
         for k, (r, q) in preds.items():
             all_preds.setdefault(k, []).append((r, q))
 
@@ -298,7 +317,8 @@ def main(argv=None) -> int:
         cells = []
         for key, _ in cols:
             cells.append(f"{r.get(key + '_rmse', float('nan')):>16.3f} {r.get(key + '_mae', float('nan')):>15.3f}")
-        print(f"{os.path.basename(f)[:40]:<40} {r['n_structures']:>6} " + " ".join(cells))
+        name = os.path.basename(f.rpartition("@")[0] if "head" in r else f) + (f"@{r['head']}" if "head" in r else "")
+        print(f"{name[:40]:<40} {r['n_structures']:>6} " + " ".join(cells))
     if args.json:
         atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
     merged = {k: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for k, v in all_preds.items()}

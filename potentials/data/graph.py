@@ -26,6 +26,8 @@ forces_mask       [n]             float      optional per-atom factor on the for
                                              whose force is not trained on, e.g. OC20); absent = all 1
 tags              [n]             long       optional per-atom tags (OC20: 0 sub-surface, 1 surface,
                                              2 adsorbate); not used by the models
+head              [B]             long       optional head index of each structure (multi-head training,
+                                             potentials.train.multihead); absent = the model's default head
 ================  ==============  =========  ================================================
 """
 
@@ -38,7 +40,7 @@ import torch
 PER_ATOM = ("positions", "numbers", "forces", "batch", "forces_mask", "tags")
 PER_EDGE = ("shifts",)
 PER_GRAPH = (
-    "cell", "pbc", "num_atoms", "energy", "stress", "energy_weight", "forces_weight", "stress_weight",
+    "cell", "pbc", "num_atoms", "energy", "stress", "energy_weight", "forces_weight", "stress_weight", "head",
 )
 TARGETS = ("energy", "forces", "stress")
 

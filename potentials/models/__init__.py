@@ -19,7 +19,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 def build_model(cfg: dict[str, Any], stats: dict[str, Any]) -> torch.nn.Module:
     """Build a model from its config (``name``, ``dtype`` and the model's keyword arguments) and the
-    dataset statistics (``atomic_numbers``, ``e0s``, ``avg_num_neighbors``, ``scale``, ``shift``)."""
+    dataset statistics (``atomic_numbers``, ``e0s``, ``avg_num_neighbors``, ``scale``, ``shift``; multi-head:
+    ``heads`` = ``{name: {e0s, scale, shift}}``)."""
     cfg = dict(cfg)
     name = cfg.pop("name", "mace")
     dtype = cfg.pop("dtype", "float64")
@@ -29,7 +30,7 @@ def build_model(cfg: dict[str, Any], stats: dict[str, Any]) -> torch.nn.Module:
     if dtype not in DTYPES:
         raise PotentialsError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     e0s = {int(k): float(v) for k, v in stats.get("e0s", {}).items()}
-    kwargs = {k: stats[k] for k in ("avg_num_neighbors", "scale", "shift") if k in stats}
+    kwargs = {k: stats[k] for k in ("avg_num_neighbors", "scale", "shift", "heads") if stats.get(k) is not None}
     try:
         with timing_dtype(DTYPES[dtype]):  # tp=auto times its candidates in the model's dtype
             model = MODELS[name](list(stats["atomic_numbers"]), e0s, **kwargs, **cfg)

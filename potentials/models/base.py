@@ -1,7 +1,12 @@
 """What every model shares: the element table, isolated-atom energies and the edge geometry.
 
 A model maps an :class:`~potentials.data.graph.AtomicGraph` to one total energy per structure
-(eV, [B]). Forces and stress are never model outputs: :mod:`potentials.models.derivatives` takes them
+(eV, [B]).
+
+Heads (multi-head training): one backbone, and per head its own readout column(s), E0s and scale/shift. Each
+structure's head is ``graph["head"]`` [B] (index into ``heads``); a graph without it (the calculator, the traced
+path) uses ``default_head`` (:meth:`PotentialModel.select_head`). A one-head model is exactly the single-head
+layout (``e0s`` [n_el], ``scale``/``shift`` [n_el], one readout column). Forces and stress are never model outputs: :mod:`potentials.models.derivatives` takes them
 from the energy by autograd, for every model alike.
 """
 
@@ -29,14 +34,54 @@ class PotentialModel(torch.nn.Module):
 
     float64_buffers: tuple[str, ...] = ("e0s",)
 
-    def __init__(self, atomic_numbers: list[int], e0s: dict[int, float] | None = None):
+    def __init__(self, atomic_numbers: list[int], e0s: dict[int, float] | None = None, heads: dict | None = None):
+        """``heads``: ``{name: {"e0s": {Z: eV}, "scale": float, "shift": float}}`` in head order (multi-head; the
+        E0s of every head replace ``e0s``), or None for one unnamed head ``"default"``."""
         super().__init__()
         self.atomic_numbers = [int(z) for z in atomic_numbers]
         table = torch.full((119,), -1, dtype=torch.long)
         table[torch.tensor(self.atomic_numbers)] = torch.arange(len(self.atomic_numbers))
         self.register_buffer("z_to_index", table, persistent=False)
-        e0 = torch.tensor([float((e0s or {}).get(z, 0.0)) for z in self.atomic_numbers], dtype=torch.float64)
-        self.register_buffer("e0s", e0)
+        heads = dict(heads or {})
+        self.heads = [str(h) for h in heads] or ["default"]
+        self.default_head = 0  # the head of graphs without graph["head"] (Python int: a constant in traced graphs)
+        per_head = [{int(k): float(v) for k, v in (h.get("e0s") or {}).items()} for h in heads.values()]
+        rows = per_head or [{int(k): float(v) for k, v in (e0s or {}).items()}]
+        e0 = torch.tensor([[row.get(z, 0.0) for z in self.atomic_numbers] for row in rows], dtype=torch.float64)
+        self.register_buffer("e0s", e0[0] if len(rows) == 1 else e0)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def head_scale_shift(self, scale: float, shift: float, heads: dict | None) -> tuple:
+        """(scale, shift) for :class:`~potentials.nn.blocks.ScaleShift`: floats, or one per head (multi-head)."""
+        if not heads or len(heads) == 1:
+            only = next(iter(heads.values())) if heads else {}
+            return float(only.get("scale", scale)), float(only.get("shift", shift))
+        return [float(h.get("scale", scale)) for h in heads.values()], [float(h.get("shift", shift)) for h in heads.values()]
+
+    def select_head(self, name: str) -> "PotentialModel":
+        """Use head ``name`` for graphs without ``graph["head"]``; an unknown name raises :class:`PotentialsError`."""
+        if str(name) not in self.heads:
+            raise PotentialsError(f"no head {name!r} in this model (heads: {self.heads})")
+        self.default_head = self.heads.index(str(name))
+        return self
+
+    def node_heads(self, graph: AtomicGraph, species: torch.Tensor) -> torch.Tensor | None:
+        """Head index of each atom [n] (long), or None for a one-head model (the single-head code path)."""
+        if self.num_heads == 1:
+            return None
+        if "head" in graph:
+            return graph["head"][graph["batch"]]
+        return torch.full_like(species, self.default_head)
+
+    @staticmethod
+    def pick_head(node_energy: torch.Tensor, node_head: torch.Tensor | None) -> torch.Tensor:
+        """Per-atom energies of every head [n, H] → of each atom's own head [n]."""
+        if node_head is None:
+            return node_energy.squeeze(-1)
+        return node_energy.gather(1, node_head[:, None]).squeeze(-1)
 
     def _apply(self, fn, recurse=True):
         kept = [
@@ -78,9 +123,14 @@ class PotentialModel(torch.nn.Module):
         vectors = edge_vectors(graph).to(dtype)
         return species, one_hot, vectors, vectors.norm(dim=-1, keepdim=True)
 
-    def total_energy(self, node_energy: torch.Tensor, species: torch.Tensor, graph: AtomicGraph) -> torch.Tensor:
-        """Per-atom model energies [n] → scale/shift + E0 in float64 → summed per structure [B] (eV)."""
-        atom_energy = self.scale_shift(node_energy, species).to(torch.float64) + self.e0s[species]
+    def total_energy(self, node_energy: torch.Tensor, species: torch.Tensor, graph: AtomicGraph,
+                     node_head: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-atom model energies [n] → scale/shift + E0 (of each atom's head) in float64 → summed per structure
+        [B] (eV)."""
+        if node_head is None:
+            atom_energy = self.scale_shift(node_energy, species).to(torch.float64) + self.e0s[species]
+        else:
+            atom_energy = self.scale_shift(node_energy, species, node_head).to(torch.float64) + self.e0s[node_head, species]
         num_graphs = graph["num_atoms"].shape[0]  # no int(): B stays symbolic in traced graphs
         if isinstance(num_graphs, int) and num_graphs == 1:  # one structure (the calculator): a plain sum, no
             return atom_energy.sum(0, keepdim=True)  # scatter (inductor's C++ codegen fails on a scatter into [1])

@@ -56,6 +56,7 @@ class Facet(PotentialModel):
         mixer_heads, mixer_hidden, mixer_act, mixer_final_act: the pointwise MLP.
         readout_hidden: width of the last-block readout.
         avg_num_neighbors, scale, shift: dataset statistics.
+        heads: multi-head models: ``{name: {e0s, scale, shift}}``; one readout MLP block per head. None: one head.
     """
 
     def __init__(
@@ -86,8 +87,9 @@ class Facet(PotentialModel):
         avg_num_neighbors: float = 1.0,
         scale: float = 1.0,
         shift: float = 0.0,
+        heads: dict | None = None,
     ):
-        super().__init__(atomic_numbers, e0s)
+        super().__init__(atomic_numbers, e0s, heads)
         if int(num_interactions) < 1:
             raise PotentialsError(f"model.num_interactions must be ≥ 1, got {num_interactions}")
         if grid_res is not None and len(grid_res) != 2:
@@ -136,8 +138,8 @@ class Facet(PotentialModel):
             )
             self.residuals.append(o3.Linear(irreps_node, irreps_out))
             irreps_node = irreps_out
-        self.readout = NonLinearReadout(irreps_node, readout_hidden)
-        self.scale_shift = ScaleShift(n_el, scale, shift)
+        self.readout = NonLinearReadout(irreps_node, readout_hidden, self.num_heads)
+        self.scale_shift = ScaleShift(n_el, *self.head_scale_shift(scale, shift, heads), num_heads=self.num_heads)
 
     def forward(self, graph: AtomicGraph) -> torch.Tensor:
         """``graph`` → total energy per structure [B] (eV)."""
@@ -151,8 +153,9 @@ class Facet(PotentialModel):
             for conv, mixer, residual in zip(self.convolutions, self.mixers, self.residuals):
                 m = conv(h, edge_attrs, edge_feats, lengths, edge_index)
                 h = node_checkpointed(mixer, mixer, m) + outside_autocast(residual, h)  # inference: recompute, not store
-        node_energy = self.readout(h.to(dtype)).squeeze(-1)  # the energy head runs in the model dtype
-        return self.total_energy(node_energy, species, graph)
+        node_head = self.node_heads(graph, species)  # [n] or None (one head)
+        node_energy = self.readout(h.to(dtype), node_head)  # [n, H]; the energy head runs in the model dtype
+        return self.total_energy(self.pick_head(node_energy, node_head), species, graph, node_head)
 
 
 def facet_irreps(hidden_irreps: str, max_ell: int) -> tuple[o3.Irreps, o3.Irreps]:

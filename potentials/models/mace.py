@@ -44,6 +44,8 @@ class MACE(PotentialModel):
             of several foundation models; used by imported models).
         trainable_shift: learn the per-element shift (initialised from ``shift``) instead of fixing it
             (MACE fixes it: the default); see :class:`~potentials.nn.blocks.ScaleShift`.
+        heads: multi-head models: ``{name: {e0s, scale, shift}}`` (dataset statistics of each head); every readout
+            gets one output column (last layer: one MLP block) per head. None: one head.
     """
 
     def __init__(
@@ -68,9 +70,10 @@ class MACE(PotentialModel):
         shift: float = 0.0,
         first_interaction: str = "residual",
         trainable_shift: bool = False,
+        heads: dict | None = None,
         **radial_options,
     ):
-        super().__init__(atomic_numbers, e0s)
+        super().__init__(atomic_numbers, e0s, heads)
         if not 1 <= int(correlation) <= 3:
             from potentials.errors import PotentialsError
 
@@ -107,9 +110,10 @@ class MACE(PotentialModel):
                 )
             )
             self.products.append(ProductBlock(engine, irreps_target, irreps_out, correlation, n_el))
-            self.readouts.append(NonLinearReadout(irreps_out, readout_hidden) if last else LinearReadout(irreps_out))
+            H = self.num_heads
+            self.readouts.append(NonLinearReadout(irreps_out, readout_hidden, H) if last else LinearReadout(irreps_out, H))
             irreps_node = irreps_out
-        self.scale_shift = ScaleShift(n_el, scale, shift, trainable_shift)
+        self.scale_shift = ScaleShift(n_el, *self.head_scale_shift(scale, shift, heads), trainable_shift, self.num_heads)
 
     def forward(self, graph: AtomicGraph) -> torch.Tensor:
         """``graph`` → total energy per structure [B] (eV)."""
@@ -119,11 +123,12 @@ class MACE(PotentialModel):
         edge_feats = self.radial_embedding(lengths)
         edge_index = graph["edge_index"]
         node_feats = self.embedding(one_hot)
-        node_energy = torch.zeros((species.shape[0], 1), dtype=dtype, device=species.device)
+        node_head = self.node_heads(graph, species)  # [n] or None (one head)
+        node_energy = torch.zeros((species.shape[0], self.num_heads), dtype=dtype, device=species.device)
         for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
             with backbone_autocast():
                 a, sc = interaction(node_feats, one_hot, edge_attrs, edge_feats, edge_index, lengths)
                 node_feats = product(a, species, sc)
             node_feats = node_feats.to(dtype)  # the energy head always runs in the model dtype
-            node_energy = node_energy + readout(node_feats)
-        return self.total_energy(node_energy.squeeze(-1), species, graph)
+            node_energy = node_energy + readout(node_feats, node_head)
+        return self.total_energy(self.pick_head(node_energy, node_head), species, graph, node_head)

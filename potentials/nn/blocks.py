@@ -122,32 +122,44 @@ class ProductBlock(torch.nn.Module):
 
 
 class LinearReadout(torch.nn.Module):
-    """Scalars of the node features → one energy per atom [n, 1]."""
+    """Scalars of the node features → one energy per atom and head [n, num_heads]."""
 
-    def __init__(self, irreps_in: o3.Irreps):
+    def __init__(self, irreps_in: o3.Irreps, num_heads: int = 1):
         super().__init__()
-        self.linear = o3.Linear(o3.Irreps(irreps_in), o3.Irreps("0e"))
+        self.linear = o3.Linear(o3.Irreps(irreps_in), o3.Irreps(f"{int(num_heads)}x0e"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, node_head: torch.Tensor | None = None) -> torch.Tensor:
         return self.linear(x)
 
 
 class NonLinearReadout(torch.nn.Module):
-    """Last-layer readout: Linear → gated scalars (SiLU) → Linear → energy per atom [n, 1]."""
+    """Last-layer readout: Linear → gated scalars (SiLU) → Linear → energy per atom and head [n, num_heads].
 
-    def __init__(self, irreps_in: o3.Irreps, hidden: int = 16):
+    With ``num_heads`` H > 1 (multi-head models; mace-torch's layout): H blocks of ``hidden`` gated scalars, and
+    each atom keeps only the block of its head (``node_head`` [n]) before the last Linear, so every head has its
+    own MLP; column h of the output is head h's energy.
+    """
+
+    def __init__(self, irreps_in: o3.Irreps, hidden: int = 16, num_heads: int = 1):
         super().__init__()
-        mid = o3.Irreps(f"{hidden}x0e")
+        self.num_heads = int(num_heads)
+        mid = o3.Irreps(f"{hidden * self.num_heads}x0e")
         self.linear_1 = o3.Linear(o3.Irreps(irreps_in), mid)
         self.act = enn.Activation(mid, [torch.nn.functional.silu])
-        self.linear_2 = o3.Linear(mid, o3.Irreps("0e"))
+        self.linear_2 = o3.Linear(mid, o3.Irreps(f"{self.num_heads}x0e"))
+        if self.num_heads > 1:
+            self.register_buffer("block_head", torch.arange(hidden * self.num_heads) // hidden, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
+    def forward(self, x: torch.Tensor, node_head: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.act(self.linear_1(x))
+        if self.num_heads > 1 and node_head is not None:
+            h = h * (self.block_head[None, :] == node_head[:, None]).to(h.dtype)
+        return self.linear_2(h)
 
 
 class ScaleShift(torch.nn.Module):
-    """Per-element affine map of atomic energies: E_i ← scale[z_i] · E_i + shift[z_i] (eV).
+    """Per-element affine map of atomic energies: E_i ← scale[z_i] · E_i + shift[z_i] (eV); multi-head models
+    (``num_heads`` H > 1) keep one row per head, [H, n_el], and use row ``node_head[i]``.
 
     Initialised from dataset statistics (force RMS, mean interaction energy per atom); stored and applied in
     float64 (output [n] float64; a model keeps ``float64_buffers`` float64 under dtype casts).
@@ -161,14 +173,26 @@ class ScaleShift(torch.nn.Module):
 
     float64_buffers = ("scale", "shift")
 
-    def __init__(self, num_elements: int, scale: float = 1.0, shift: float = 0.0, trainable_shift: bool = False):
+    def __init__(self, num_elements: int, scale=1.0, shift=0.0, trainable_shift: bool = False, num_heads: int = 1):
         super().__init__()
-        self.register_buffer("scale", torch.full((num_elements,), float(scale), dtype=torch.float64))
-        shift_t = torch.full((num_elements,), float(shift), dtype=torch.float64)
+        shape = (num_elements,) if int(num_heads) == 1 else (int(num_heads), num_elements)
+        self.register_buffer("scale", _per_head(scale, shape))
+        shift_t = _per_head(shift, shape)
         if trainable_shift:
             self.shift = torch.nn.Parameter(shift_t)
         else:
             self.register_buffer("shift", shift_t)
 
-    def forward(self, energy: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        return self.scale[species] * energy.to(torch.float64) + self.shift[species].to(torch.float64)
+    def forward(self, energy: torch.Tensor, species: torch.Tensor, node_head: torch.Tensor | None = None) -> torch.Tensor:
+        """energy [n], species [n], node_head [n] (multi-head models: [H, n_el] tables) → [n] float64 (eV)."""
+        if node_head is None:
+            return self.scale[species] * energy.to(torch.float64) + self.shift[species].to(torch.float64)
+        return self.scale[node_head, species] * energy.to(torch.float64) + self.shift[node_head, species].to(torch.float64)
+
+
+def _per_head(value, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float, or one float per head ([H] for an (H, n_el) table), broadcast to ``shape`` (float64)."""
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if len(shape) == 2 and t.dim() == 1:
+        t = t[:, None]
+    return t.expand(shape).clone()

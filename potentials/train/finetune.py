@@ -96,8 +96,8 @@ def grown_state(model: torch.nn.Module, old_state: dict[str, torch.Tensor], n_ol
         owner = modules.get(owner_name)
         grown = target.clone()
         factor = math.sqrt(n_new / n_old)  # e3nn: one-hot inputs enter with 1/√fan_in, fan_in ∝ num_elements
-        if leaf in ("scale", "shift") and target.dim() == 1 and target.shape[0] == n_new:
-            grown[:n_old] = src
+        if leaf in ("scale", "shift") and target.shape[-1] == n_new:  # [n_el] or [heads, n_el]
+            grown[..., :n_old] = src
         elif isinstance(owner, o3.Linear) and leaf == "weight" and owner.irreps_in == o3.Irreps(f"{n_new}x0e"):
             c = owner.irreps_out.num_irreps
             grown.view(n_new, c)[:n_old] = src.view(n_old, c) * factor

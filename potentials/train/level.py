@@ -72,6 +72,8 @@ class EnergyLevelRefit(pl.Callback):
         shift = getattr(getattr(pl_module.model, "scale_shift", None), "shift", None)
         if not isinstance(shift, torch.Tensor):
             raise PotentialsError(f"level_refit needs a model with scale_shift.shift; {type(pl_module.model).__name__} has none")
+        if shift.dim() != 1:
+            raise PotentialsError(f"level_refit: multi-head models (heads {pl_module.model.heads}) are not supported")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

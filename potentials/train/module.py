@@ -61,12 +61,20 @@ class PotentialModule(pl.LightningModule):
             apply_freeze(self.model, list(freeze))
         # model.compile=true: energy -> forces/stress traced into one graph and compiled (potentials.models.compiled);
         # parameters are graph inputs, so their gradients reach the live weights (optimiser, EMA, DDP unchanged)
+        self.heads = list(getattr(self.model, "heads", ["default"]))
+        if len(self.heads) > 1 and model_cfg.get("compile", False):
+            raise PotentialsError(
+                f"model.compile is not supported for multi-head training (heads {self.heads}): the traced graph has no "
+                "per-structure head input; use model.compile=false"
+            )
         self.compiled = compiled_or_eager(self.model, model_cfg.get("compile", False))
         self.loss_fn = WeightedLoss(**(loss or {}))
         self.optim_cfg = {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "amsgrad": True, **(optim or {})}
         self.sched_cfg = {"name": "plateau", "factor": 0.8, "patience": 5, **(scheduler or {})}
         self.stress_in_loss = self.loss_fn.coeffs["stress"] > 0
         self.metrics = {"train": ErrorAccumulator(), "val": ErrorAccumulator()}
+        if len(self.heads) > 1:  # per-head validation errors, logged as val_<head>_<quantity>_<rmse|mae|me>
+            self.metrics.update({f"val_{h}": ErrorAccumulator() for h in self.heads})
         self.stage_two_active = False  # set by potentials.train.stage_two.StageTwo: constant lr, no scheduler steps
 
     def needs_stress(self, graph: AtomicGraph, training: bool) -> bool:
@@ -88,6 +96,9 @@ class PotentialModule(pl.LightningModule):
         if stage == "train" and self._nonfinite("loss", bool(torch.isfinite(loss.detach()).all()), batch_idx):
             return None  # skipped: neither the metrics nor the logged loss see it
         self.metrics[stage].update(pred, graph)
+        if stage == "val" and len(self.heads) > 1 and "head" in graph:
+            for i, name in enumerate(self.heads):
+                self.metrics[f"val_{name}"].update(pred, only_head(graph, i))
         self.log(
             f"{stage}_loss", loss.detach(), batch_size=graph.num_graphs, prog_bar=True, on_step=False, on_epoch=True,
             sync_dist=True,
@@ -137,6 +148,8 @@ class PotentialModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        for name in self.heads if len(self.heads) > 1 else []:
+            self._log_metrics(f"val_{name}")
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if self.stage_two_active:  # stage two runs at its own constant learning rate
@@ -164,3 +177,10 @@ class PotentialModule(pl.LightningModule):
             s = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=sched.get("eta_min", 0.0))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
         raise PotentialsError(f"unknown scheduler.name={kind!r}; available: ['plateau', 'cosine', 'none']")
+
+
+def only_head(graph: AtomicGraph, head: int) -> AtomicGraph:
+    """``graph`` with the loss weights of structures of other heads set to 0 (so metrics see only ``head``)."""
+    keep = (graph["head"] == head).to(torch.float64)
+    return graph.replace(**{k: graph[k] * keep.to(graph[k].dtype) for k in ("energy_weight", "forces_weight", "stress_weight")
+                            if k in graph})

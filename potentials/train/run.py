@@ -34,6 +34,14 @@ from potentials.train.cluster import (
 from potentials.train.datamodule import PotentialDataModule
 from potentials.train.ema import EMA
 from potentials.train.finetune import build_replay, finetune_stats, grown_state
+from potentials.train.multihead import (
+    HeadDataset,
+    MultiHeadDataModule,
+    build_multi_datamodule,
+    finetune_heads,
+    head_grown_state,
+    head_names,
+)
 from potentials.train.evaluation import error_table, parity_plot, predict
 from potentials.train.module import PotentialModule
 from potentials.train.stage_two import StageTwo, stage_two_start
@@ -47,6 +55,8 @@ def _container(cfg: Any) -> Any:
 
 def build_datamodule(data_cfg: dict, r_max: float, seed: int) -> PotentialDataModule:
     data_cfg = dict(data_cfg)
+    if "heads" in data_cfg:  # data=multi: one dataset per head (potentials.train.multihead)
+        return build_multi_datamodule(data_cfg, r_max, seed, build_datamodule)
     if data_cfg.pop("generate_demo", False):
         for path in data_cfg["train_files"]:
             ensure_demo_data(path)
@@ -164,6 +174,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         log.warning("resume=false: moved existing checkpoints to %s", run_dir / f"checkpoints.old-{n}")
 
     dm = build_datamodule(_container(cfg.data), float(model_cfg["r_max"]), int(cfg.seed))
+    replay_head = ft.get("replay_head") if init_from else None
+    if replay_head is not None and not isinstance(dm, MultiHeadDataModule):  # the new data gets head "default"
+        dm = MultiHeadDataModule([("default", dm, 1.0)], seed=int(cfg.seed), batch_size=dm.batch_size,
+                                 val_batch_size=dm.val_batch_size, num_workers=dm.num_workers, shuffle=dm.shuffle)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         stats = ckpt["hyper_parameters"]["stats"]
@@ -177,8 +191,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         log.info("resuming from %s (epoch %s, step %s)", resume_from, ckpt.get("epoch"), ckpt.get("global_step"))
         del ckpt
     elif init is not None:
-        stats = finetune_stats(init["hyper_parameters"]["stats"], dm.statistics(), ft.get("e0s", "keep"),
-                               bool(ft.get("new_elements", True)), str(init_from))
+        init_stats, data_stats = init["hyper_parameters"]["stats"], dm.statistics()
+        e0_rule, grow = ft.get("e0s", "keep"), bool(ft.get("new_elements", True))
+        stats = finetune_stats(init_stats, data_stats, e0_rule, grow, str(init_from))
+        if data_stats.get("heads") or init_stats.get("heads"):  # multi-head: the data's heads (+ the replay head)
+            stats, sources = finetune_heads(init_stats, stats, data_stats, replay_head, e0_rule, grow, str(init_from))
     else:
         stats = dm.statistics()
     module = PotentialModule(
@@ -188,10 +205,18 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     )
     if init is not None and resume_from is None:  # start from the checkpoint's (EMA) weights
         old = {k[len("model."):]: v for k, v in init["state_dict"].items() if k.startswith("model.")}
+        old_names = head_names(init["hyper_parameters"]["stats"])
+        if stats.get("heads") or len(old_names) > 1:  # each new head starts as a checkpoint head
+            old = head_grown_state(module.model, old, len(old_names), [old_names.index(h) for h in sources])
         module.model.load_state_dict(grown_state(module.model, old, len(init["hyper_parameters"]["stats"]["atomic_numbers"])))
     if init_from:
         dm.replay = build_replay(ft.get("replay"), float(model_cfg["r_max"]), int(cfg.seed), dm.keys,
                                  list(stats["atomic_numbers"]))
+        if dm.replay is None and replay_head is not None:
+            raise PotentialsError(f"finetune.replay_head={replay_head!r} needs replay data (finetune.replay.files or .data)")
+        if dm.replay is not None and isinstance(dm, MultiHeadDataModule):  # replay head, else the first data head
+            names = head_names(stats)
+            dm.replay = HeadDataset(dm.replay, names.index(replay_head) if replay_head else 0)
     del init
     ck = cfg.checkpoint
     callbacks = [

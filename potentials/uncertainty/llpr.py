@@ -99,6 +99,8 @@ def atom_features(model: torch.nn.Module, store: dict, graph: AtomicGraph, detac
     f = torch.cat([store[k] for k in sorted(store)], dim=-1).to(torch.float64)
     f = f.detach() if detach else f
     species = model.species(graph["numbers"])
+    if model.scale_shift.scale.dim() != 1:
+        raise PotentialsError(f"LLPR: multi-head models (heads {model.heads}) are not supported yet")
     return f * model.scale_shift.scale[species].to(torch.float64)[:, None]
 
 
