@@ -325,13 +325,15 @@ def hp_description(hp: dict[str, Any], batch_size: int | None = None) -> dict[st
     return desc
 
 
-MODES = ("eager", "compile", "export")
+MODES = ("eager", "compile", "graph", "export")
 
 
 def with_modes(variants: list[dict[str, Any]], modes: Sequence[str]) -> list[dict[str, Any]]:
-    """Each variant once per execution mode: ``eager``; ``compile`` (traced + torch.compile'd energy/forces/stress
-    graph, :mod:`potentials.models.compiled`); ``export`` (AOTInductor package, :mod:`potentials.models.export`).
-    Labels get ``+compile`` / ``+export``."""
+    """Each variant once per execution mode: ``eager``; ``compile`` (the calculator's ``compile=True``: one traced +
+    compiled energy/forces/stress graph up to ``LEAN_EDGES`` edges, the memory-lean chunk loops with compiled chunk
+    kernels above, :mod:`potentials.models.compiled` / ``compiled_chunks``); ``graph`` (always the one compiled
+    graph, whatever the size); ``export`` (AOTInductor package, :mod:`potentials.models.export`).
+    Labels get ``+compile`` / ``+graph`` / ``+export``."""
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"--modes: unknown {bad}; known: {list(MODES)}")

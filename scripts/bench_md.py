@@ -18,8 +18,8 @@ from the two previous ones of the same back end; a size predicted to need more t
 the available memory or more than ``--cell-budget-s`` is skipped with the reason, and so is everything
 after ``--budget-s`` seconds. Every timed row gets the same protocol (``--warmup`` untimed calls, then
 ``--repeat`` timed calls: 3 and 5 by default); a size that would not fit the cell budget with it is skipped,
-never timed with fewer calls. ``--modes eager,compile,export`` adds this project's compiled calculator and its
-AOTInductor export as extra rows (first-call and export times reported). Per back end the fitted exponent of time per call vs atoms (log-log, periodic
+never timed with fewer calls. ``--modes eager,compile,graph,export`` adds this project's compiled calculator
+(``graph``: always one compiled graph, no memory-lean switch) and its AOTInductor export as extra rows (first-call and export times reported). Per back end the fitted exponent of time per call vs atoms (log-log, periodic
 cells) is reported, and a log-log plot is written beside the JSON (``.png``).
 
 ``--profile N`` adds a ``torch.profiler`` table of the top operators of one call on the periodic cell nearest
@@ -82,7 +82,9 @@ def worker(task: dict) -> dict:
             export_s = time.perf_counter() - t0
         calc = PotentialCalculator.from_exported(path, device=device)
     else:
-        calc = PotentialCalculator(model, device=device, compile=mode == "compile")
+        # graph: the one compiled graph at every size (no switch to the memory-lean path above LEAN_EDGES edges)
+        calc = PotentialCalculator(model, device=device, compile=mode in ("compile", "graph"),
+                                   lean_edges=10**12 if mode == "graph" else None)
     props = ["energy", "forces"] + (["stress"] if atoms.pbc.any() else [])
     rss_before = bc.rss_mb()
 
@@ -269,7 +271,7 @@ def run(args) -> dict:
             r["speedup_vs_peer_min"] = p["ms_per_call_min"] / r["ms_per_call_min"]
             r["memory_ratio_vs_peer"] = r["peak_rss_mb"] / p["peak_rss_mb"]
     for r in rows:  # compiled / exported ÷ eager of the same back end, system and dtype
-        if r.get("status") == "ok" and "+" in r["backend"] and r["backend"].split("+")[-1] in ("compile", "export"):
+        if r.get("status") == "ok" and "+" in r["backend"] and r["backend"].split("+")[-1] in ("compile", "graph", "export"):
             base = next((e for e in rows if e.get("status") == "ok" and e["backend"] == r["backend"].rsplit("+", 1)[0]
                          and e["system"] == r["system"] and e["dtype"] == r["dtype"]), None)
             if base:
@@ -381,8 +383,10 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         f"{s['warmup']} warm-up call(s) and {s['repeat']} timed call(s) per row on both sides at every size (a size "
         "predicted to exceed the cell budget is skipped, never timed with fewer calls); untrained models, random "
         "weights, same architecture on both sides",
-        "- `+compile`: the calculator's traced + compiled graph (`PotentialCalculator(model, compile=True)`, inductor); "
-        "`+export`: the AOTInductor package (`scripts/export.py`, `from_exported`). first call = the first call of the "
+        "- `+compile`: the calculator's compiled path (`PotentialCalculator(model, compile=True)`, inductor): one traced "
+        "+ compiled graph up to `LEAN_EDGES` edges (potentials/calculator.py), above it the memory-lean chunk loops "
+        "with compiled chunk kernels (potentials/models/compiled_chunks.py); `+graph`: the one compiled graph at "
+        "every size; `+export`: the AOTInductor package (`scripts/export.py`, `from_exported`). first call = the first call of the "
         "row's process (tracing + compiling included; inductor's on-disk cache may shorten it for later rows); export = "
         "time to trace, export and compile the package",
         "- each row runs in a fresh process: peak = peak resident memory of that process (Python, torch and the "
@@ -455,7 +459,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     p.add_argument("--device", default="cpu", help="this project's rows only (mace-torch runs on the CPU)")
     p.add_argument("--export-only", default=None, help="comma-separated back ends that get an export row (default: all)")
-    p.add_argument("--modes", default="eager", help="comma-separated: eager, compile, export (see bench_common.with_modes)")
+    p.add_argument("--modes", default="eager", help="comma-separated: eager, compile, graph, export (see bench_common.with_modes)")
     p.add_argument("--threads", type=int, default=bc.available_cores())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peer", action="store_true")

@@ -149,7 +149,6 @@ def test_compiled_training_follows_eager_loss_curve(demo_file):
 def test_inductor_calculator_equals_eager_for_new_atom_counts(periodic_atoms):
     """The calculator's compiled path (inductor, C++): energy, forces and stress equal the eager calculator to 1e-10
     (float64) for cells of 8 and 12 atoms, with one compiled graph."""
-    from ase.build import bulk
     from torch._dynamo.utils import counters
 
     from potentials.calculator import PotentialCalculator
@@ -160,16 +159,25 @@ def test_inductor_calculator_equals_eager_for_new_atom_counts(periodic_atoms):
     torch.manual_seed(0)
     compiled = PotentialCalculator(build_model(cfg, TINY_STATS), compile=True)
     before = counters["stats"]["unique_graphs"]
+    assert_calculators_agree(compiled, eager)
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def assert_calculators_agree(calc, eager, after_each=lambda: None) -> None:
+    """``calc`` gives the energy, forces and stress of ``eager`` to 1e-10 on Cu–Au cells of 8 and 12 atoms;
+    ``after_each()`` runs after each cell."""
+    from ase.build import bulk
+
     for rep, seed in (((2, 2, 2), 1), ((3, 2, 2), 2)):
         atoms = bulk("Cu", "fcc", a=3.7).repeat(rep)
         atoms.numbers[::3] = 79
         atoms.rattle(0.08, seed=seed)
         e = eager.get_potential_energy(atoms), eager.get_forces(atoms), eager.get_stress(atoms)
-        c = compiled.get_potential_energy(atoms), compiled.get_forces(atoms), compiled.get_stress(atoms)
+        c = calc.get_potential_energy(atoms), calc.get_forces(atoms), calc.get_stress(atoms)
         assert abs(c[0] - e[0]) < 1e-10 * abs(e[0])
         np.testing.assert_allclose(c[1], e[1], rtol=0, atol=1e-10 * np.abs(e[1]).max())
         np.testing.assert_allclose(c[2], e[2], rtol=0, atol=1e-10 * np.abs(e[2]).max())
-    assert counters["stats"]["unique_graphs"] - before == 1
+        after_each()
 
 
 def test_export_runs_in_a_fresh_process_without_model_code(tmp_path):
@@ -327,8 +335,6 @@ def test_memory_lean_chunk_kernels_equal_eager(variant):
 def test_inductor_memory_lean_calculator_equals_eager():
     """The calculator's memory-lean compiled path (inductor C++ chunk kernels, ``lean_edges=0``) equals the eager
     calculator to 1e-10 (float64) for cells of 8 and 12 atoms, with the kernels compiled once."""
-    from ase.build import bulk
-
     from potentials.calculator import PotentialCalculator
 
     torch.manual_seed(0)
@@ -337,15 +343,6 @@ def test_inductor_memory_lean_calculator_equals_eager():
     torch.manual_seed(0)
     lean = PotentialCalculator(build_model(cfg, TINY_STATS), compile=True, lean_edges=0)
     counts = []
-    for rep, seed in (((2, 2, 2), 1), ((3, 2, 2), 2)):
-        atoms = bulk("Cu", "fcc", a=3.7).repeat(rep)
-        atoms.numbers[::3] = 79
-        atoms.rattle(0.08, seed=seed)
-        e = eager.get_potential_energy(atoms), eager.get_forces(atoms), eager.get_stress(atoms)
-        c = lean.get_potential_energy(atoms), lean.get_forces(atoms), lean.get_stress(atoms)
-        assert abs(c[0] - e[0]) < 1e-10 * abs(e[0])
-        np.testing.assert_allclose(c[1], e[1], rtol=0, atol=1e-10 * np.abs(e[1]).max())
-        np.testing.assert_allclose(c[2], e[2], rtol=0, atol=1e-10 * np.abs(e[2]).max())
-        counts.append(len(lean.compiled._chunk_kernels._cache))
+    assert_calculators_agree(lean, eager, lambda: counts.append(len(lean.compiled._chunk_kernels._cache)))
     assert counts[0] == 2 and counts[1] == 2, counts  # one forward and one backward kernel, compiled once
     assert not lean.compiled._cache  # the one-graph path was never used
