@@ -170,3 +170,30 @@ def test_replay_head_starts_as_the_checkpoint(two_heads, tmp_path):
     a = ase.io.read(fa, 0)
     a.calc = PotentialCalculator.from_checkpoint(ft["last"], head="pt_head")
     assert np.isfinite(a.get_potential_energy())
+
+
+def test_traced_graph_of_a_chosen_head_equals_eager(two_heads, periodic_atoms):
+    """The compiled calculator's graph (traced with the weights as constants) of a multi-head model evaluates the head
+    chosen at load time: energy, forces and stress equal eager execution of that head to 1e-10, and differ from the
+    other head's energy."""
+    from potentials.calculator import model_from_checkpoint
+    from potentials.data.neighbors import atoms_to_graph
+    from potentials.models import energy_forces_stress
+    from potentials.models.compiled import CompiledPotential
+
+    run, _, _ = two_heads
+    periodic_atoms.numbers[:] = 29
+    graph = atoms_to_graph(periodic_atoms, 4.0)
+    graph["batch"] = torch.zeros(len(periodic_atoms), dtype=torch.long)
+    energies = {}
+    for head in ("ref", "shifted"):
+        model = model_from_checkpoint(run["last"], head=head)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ref = energy_forces_stress(model, graph, forces=True, stress=True)
+        got = CompiledPotential(model, backend=None, params_as_inputs=False)(graph, forces=True, stress=True)
+        for key in ref:
+            err = float((got[key] - ref[key]).abs().max()) / float(ref[key].abs().max())
+            assert err < 1e-10, (head, key, err)
+        energies[head] = float(got["energy"][0])
+    assert energies["shifted"] - energies["ref"] == pytest.approx(OFFSET * len(periodic_atoms), rel=0.1)
