@@ -120,15 +120,16 @@ class PotentialCalculator(Calculator):
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike, device="cpu", compile: bool = False, uncertainty: str | None = None,
-        head: str | None = None, **overrides
+        head: str | None = None, lean_edges: int | None = None, **overrides
     ) -> "PotentialCalculator":
         """Load a checkpoint in one line; ``head`` picks the head of a multi-head model (default: its first;
         ``calc.model.heads`` lists them); ``overrides`` as in :func:`model_from_checkpoint`; ``compile=True``
-        evaluates through the traced and compiled graph (:mod:`potentials.models.compiled`); ``uncertainty="llpr"``
+        evaluates through compiled code (one graph up to ``lean_edges`` edges, compiled chunk kernels above: see
+        :meth:`__init__`); ``uncertainty="llpr"``
         adds the spread keys from the fit stored next to the checkpoint (``scripts/fit_uncertainty.py``)."""
         model = model_from_checkpoint(path, device=device, head=head, **overrides)
         if uncertainty is None:
-            return cls(model, device=device, compile=compile)
+            return cls(model, device=device, compile=compile, lean_edges=lean_edges)
         from potentials.uncertainty.llpr import load_estimator
 
         return cls(model, device=device, estimator=load_estimator(path, model, uncertainty, device=device))
