@@ -189,6 +189,29 @@ def timed_relaxation(atoms, task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def voigt_to_full(v):
+    """ASE Voigt stress (xx, yy, zz, yz, xz, xy) → 3×3 numpy array."""
+    import numpy as np
+
+    xx, yy, zz, yz, xz, xy = (float(x) for x in v)
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def predict_frames(calc, path: str) -> dict[str, Any]:
+    """Energy, forces and (periodic frames) 3×3 stress of every frame of ``path`` with the ASE calculator ``calc``;
+    the same code on both sides (validation RMSEs of the models a relaxation benchmark uses)."""
+    import ase.io
+    import numpy as np
+
+    out: dict[str, Any] = {"energy": [], "forces": [], "stress": []}
+    for atoms in ase.io.read(path, index=":"):
+        atoms.calc = calc
+        out["energy"].append(float(atoms.get_potential_energy()))
+        out["forces"].append(np.asarray(atoms.get_forces()).tolist())
+        out["stress"].append(voigt_to_full(atoms.get_stress(voigt=True)).tolist() if atoms.pbc.any() else None)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- timing
 def report_header(title: str, payload: dict[str, Any]) -> list[str]:
     """First lines of every benchmark report: title, exact command, machine and library versions, hyper-parameters."""

@@ -228,6 +228,13 @@ def task_calc(task: dict) -> dict:
     }
 
 
+def task_eval(task: dict) -> dict:
+    """Predictions on every frame of ``val_file`` through mace-torch's own ASE calculator."""
+    model, _ = setup(task)
+    model.eval()
+    return bc.predict_frames(make_calculator(model, task.get("dtype", "float64")), task["val_file"])
+
+
 def task_relax(task: dict) -> dict:
     import ase.io
 
@@ -238,7 +245,7 @@ def task_relax(task: dict) -> dict:
     return bc.timed_relaxation(atoms, task)
 
 
-TASKS = {"info": task_info, "train": task_train, "calc": task_calc, "relax": task_relax}
+TASKS = {"info": task_info, "train": task_train, "calc": task_calc, "relax": task_relax, "eval": task_eval}
 
 
 def main() -> int:

@@ -291,3 +291,37 @@ def test_same_architecture_as_mace_torch_per_module(tmp_path):
     for module in ("embedding", "interactions", "readouts"):
         assert ours[module] == theirs[module], module
     assert 0 < ours["products"] <= theirs["products"]
+
+
+def test_bench_relax_cuau_cell(tmp_path):
+    """The Cu–Au cell system builds and relaxes (cell too) a few steps with an untrained tiny model, repeated."""
+    out = tmp_path / "relax_cuau.json"
+    payload = run_script("bench_relax.py", out, "--systems", "cuau", "--only", "mace/cg", "--steps", "2", "--repeat", "2")
+    rows = check_common(payload, "relax")
+    assert payload["settings"]["cell"] is True and payload["settings"]["repeat"] == 2
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all("Cu16Au16" in r["system"] and r["num_atoms"] == 32 for r in ok)
+    for r in ok:
+        assert r["steps"] == 2 and len(r["wall_s_runs"]) == 2
+        positive(r, "wall_s", "cpu_s", "ms_per_call")
+
+
+def test_cuau_data_and_rmse_helpers(tmp_path):
+    """The Cu–Au split writer (REF_* keys, stress) and the validation-RMSE helpers of bench_relax."""
+    import ase.io
+    import numpy as np
+
+    import bench_relax as br
+    from potentials.data.demo import cuau_start_cell, write_demo_split
+
+    start = cuau_start_cell()
+    assert len(start) == 32 and start.pbc.all() and sorted(set(start.get_chemical_symbols())) == ["Au", "Cu"]
+    files = write_demo_split(tmp_path, n_train=2, n_val=1)
+    frames = ase.io.read(files["train"], index=":")
+    assert len(frames) == 2 and np.shape(frames[0].info["REF_stress"]) == (6,)
+    assert frames[0].arrays["REF_forces"].shape == (len(frames[0]), 3)
+    ref = br.reference_frames(files["valid"])
+    assert np.shape(ref["stress"][0]) == (3, 3)
+    assert br.rmse_row(ref, ref) == {"val_frames": 1, "val_energy_rmse": 0.0, "val_forces_rmse": 0.0, "val_stress_rmse": 0.0}
+    assert br.split_spec("cuau:Facet=a/b.ckpt", ("cuau", "3bpa")) == ("cuau", "Facet", "a/b.ckpt")
+    assert br.split_spec("/x/y.model", ("cuau",)) == (None, None, "/x/y.model")

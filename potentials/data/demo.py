@@ -101,6 +101,44 @@ def generate_demo_frames(n_structures: int = 300, seed: int = 0) -> list:
     return frames
 
 
+def cuau_start_cell(x_au: float = 0.5, iso: float = 0.02, rattle: float = 0.1, seed: int = 12345):
+    """A perturbed 32-atom fcc Cu–Au cell (2×2×2 cubic, random substitution at Au fraction ``x_au``, Vegard
+    lattice constant) for relaxation benchmarks: isotropic strain ``iso`` plus a random shear (≤ 3 %), positions
+    rattled by ``rattle`` Å. Its own seed, so it is not one of the demo MD frames."""
+    rng = np.random.default_rng(seed)
+    atoms = _supercell(2, x_au, rng)
+    atoms.set_cell(atoms.cell.array @ _strain(iso, rng).T, scale_atoms=True)
+    atoms.rattle(rattle, seed=seed + 1)
+    atoms.pbc = True
+    return atoms
+
+
+def write_demo_split(directory: str | os.PathLike, n_train: int = 300, n_val: int = 50, seed: int = 0) -> dict:
+    """Demo Cu–Au frames as ``train.xyz`` (seed ``seed``) and ``valid.xyz`` (independent trajectories, seed
+    ``seed + 1``) in ``directory``, with mace-torch's default keys ``REF_energy``/``REF_forces``/``REF_stress``
+    (Voigt, eV/Å³) so that both this project and ``mace_run_train`` read the same files. Existing files are kept."""
+    import ase.io
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, n, s in (("train", n_train, seed), ("valid", n_val, seed + 1)):
+        path = directory / f"{name}.xyz"
+        out[name] = str(path)
+        if path.exists():
+            continue
+        frames = generate_demo_frames(n, s)
+        for frame in frames:
+            res = frame.calc.results
+            frame.info["REF_energy"] = float(res["energy"])
+            frame.info["REF_stress"] = np.asarray(res["stress"], dtype=float)
+            frame.arrays["REF_forces"] = np.asarray(res["forces"], dtype=float)
+            frame.calc = None
+        with atomic_path(path) as tmp:
+            ase.io.write(str(tmp), frames, format="extxyz")
+    return out
+
+
 def ensure_demo_data(path: str | os.PathLike, n_structures: int = 300, seed: int = 0) -> Path:
     """Return ``path`` (an .extxyz); generate it first if it does not exist.
 
