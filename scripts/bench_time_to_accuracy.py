@@ -6,17 +6,17 @@
     python scripts/bench_time_to_accuracy.py --smoke --json /tmp/tta.json     # tiny: 20/5 frames, 0.5 CPU-min
 
 Each model is one ``scripts/train.py +experiment=<experiment>`` command pointed at the same seeded 450/50 split
-of ``train_300K.xyz`` (written by :func:`bench_accuracy.write_split`): ``facet_s`` →
+of ``train_300K.xyz`` (written by :func:`bench_budget.write_split`): ``facet_s`` →
 ``3bpa_facet_s_cpu_budget`` (configs/model/facet_s.yaml), ``mace`` → ``3bpa_mace_cpu_budget`` (our MACE at the
 issue-8 reference size = configs/model/mace_s.yaml). Both experiments share one recipe (loss 1/1000, AMSGrad
 lr 0.01, batch 5, EMA 0.99, plateau 0.8/5, float64). ``mace_torch`` (the outside reference, at its usual size:
 the issue-8 reference ScaleShiftMACE, 32x0e+32x1o) is exactly bench_accuracy.py's peer run
-(:func:`bench_accuracy.peer_side`: ``peer-venv/bin/mace_run_train`` with the flags of the same
+(:func:`bench_budget.peer_side`: ``peer-venv/bin/mace_run_train`` with the flags of the same
 ``3bpa_mace_cpu_budget`` recipe, same split files), its validations read from mace's log lines and stamped with
 CPU time the same way, its parameter count from ``scripts/peer_mace.py``; included by default when ``peer-venv``
 exists, a skipped row with the reason otherwise. The training processes run at the same time (``--sequential``:
 one after the other) with ``--threads`` torch threads each, and are stopped at ``--budget-min`` CPU minutes
-(:class:`bench_accuracy.Side`). Pinning: by default none (``--cores ''``): three single-thread processes on a
+(:class:`bench_budget.Side`). Pinning: by default none (``--cores ''``): three single-thread processes on a
 2-core machine are spread by the OS scheduler (~1.5× the budget in wall time); ``--cores 1`` pins every model
 to core 1 (~3× the budget). The budget is *process CPU time* (user + system of the process tree), so sharing
 cores changes wall time, not the result (up to cache contention, which hits every model alike). Every
@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_accuracy as ba  # noqa: E402
+import bench_budget as bb  # noqa: E402
 import bench_common as bc  # noqa: E402
 
 EXPERIMENTS = {"facet_s": "3bpa_facet_s_cpu_budget", "mace": "3bpa_mace_cpu_budget"}
@@ -51,8 +51,8 @@ LABELS = {"facet_s": "Facet-S (this project, facet_s)", "mace": "MACE/cg (this p
 
 
 def train_command(name: str, split: dict, run_dir: Path, seed: int) -> list[str]:
-    """``ba.ours_command`` with the model's own experiment (same data overrides, same recipe keys)."""
-    cmd = ba.ours_command(split, {"batch_size": 5, "val_batch_size": 10}, run_dir, seed)
+    """``bench_budget.ours_command`` with the model's own experiment (same data overrides, same recipe keys)."""
+    cmd = bb.ours_command(split, {"batch_size": 5, "val_batch_size": 10}, run_dir, seed)
     cmd[2] = f"+experiment={EXPERIMENTS[name]}"
     return [c.replace("run_name=bench_accuracy_ours", f"run_name=tta_{name}") for c in cmd]
 
@@ -300,34 +300,34 @@ def main(argv=None) -> int:
         bc.write_report_with_plot(json.loads(path.read_text()), path.with_suffix(".json"), plot, to_markdown)
         return 0
     work = Path(args.work_dir).resolve()
-    split = ba.write_split(Path(args.data), work, args.n_train, args.n_val, args.seed)
+    split = bb.write_split(Path(args.data), work, args.n_train, args.n_val, args.seed)
     pin = bool(args.cores) and shutil.which("taskset") is not None
     cores = args.cores if pin else None
-    peer_ok, peer_reason = ba.peer_train_status()
+    peer_ok, peer_reason = bb.peer_train_status()
     want_peer = PEER in args.models and peer_ok
-    r = ba.recipe()  # mace-torch's flags: the same recipe bench_accuracy.py gives it
+    r = bb.recipe()  # mace-torch's flags: the same recipe bench_accuracy.py gives it
     sides = []
     for name in args.models:
         out_dir = work / name
         if name == PEER:
             if want_peer:
-                sides.append(ba.peer_side(name, split, r, out_dir, args.seed, args.threads, cores))
+                sides.append(bb.peer_side(name, split, r, out_dir, args.seed, args.threads, cores))
             continue
-        sides.append(ba.Side(name, train_command(name, split, out_dir, args.seed), ba.ours_env(work, out_dir, args.threads),
+        sides.append(bb.Side(name, train_command(name, split, out_dir, args.seed), bb.ours_env(work, out_dir, args.threads),
                              out_dir, cores))
     hp = {"experiments": {m: EXPERIMENTS[m] for m in args.models if m in EXPERIMENTS},
           "peer_command": {s.name: s.cmd for s in sides if s.name == PEER}}
     payload = bc.base_payload("time_to_accuracy", args.threads, hp,
                               bc.peer_info(args.threads) if want_peer else {"error": peer_reason if peer_ok is False
                                                                             else f"{PEER} not in --models"})
-    ba.run_sides(sides, args)
+    bb.run_sides(sides, args)
     rows, peer_modules = [], None
     for s in sides:
         if s.name == PEER:
-            row, peer_modules = ba.peer_result(s, split, r, args, s.name)
+            row, peer_modules = bb.peer_result(s, split, r, args, s.name)
         else:
-            events, n = ba.ours_events(s)
-            row = ba.summarise(s, events, n, args.budget_s, s.name)
+            events, n = bb.ours_events(s)
+            row = bb.summarise(s, events, n, args.budget_s, s.name)
         row["label"] = LABELS[s.name]
         row["time_to_target_cpu_min"] = time_to_targets(row.get("curve", []), args.targets)
         rows.append(row)
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
         rows.append({"side": PEER, "label": LABELS[PEER], "status": "skipped",
                      "reason": peer_reason if PEER in args.models else f"not in --models ({','.join(args.models)})"})
     if peer_modules and "mace" in args.models:
-        payload["parameter_comparison"] = bc.parameter_comparison(ba.our_parameters_by_module(split, r), peer_modules)
+        payload["parameter_comparison"] = bc.parameter_comparison(bb.our_parameters_by_module(split, r), peer_modules)
     payload["machine"]["load_average_end"] = bc.load_average()
     payload.update(rows=rows)
     post_measurements(payload, work, split["files"]["valid"])

@@ -238,6 +238,7 @@ def test_accuracy_stage_two_wiring(tmp_path):
     the experiment's stage-two lr and loss weights, and a report file other than the committed accuracy.json; the
     peer's validations after mace's switch line are marked stage two."""
     import bench_accuracy as ba
+    import bench_budget as bb
 
     args = ba.parse_args(["--stage-two"])
     assert (args.max_epochs, args.stage_two_epoch) == (16, 12)
@@ -245,26 +246,26 @@ def test_accuracy_stage_two_wiring(tmp_path):
     assert ba.parse_args(["--smoke", "--stage-two"]).json is None
     with pytest.raises(SystemExit):
         ba.parse_args(["--stage-two", "--max-epochs", "3", "--stage-two-epoch", "3"])
-    r = ba.recipe()
+    r = bb.recipe()
     two = {"start_epoch": 12, "lr": float(r["stage_two"]["lr"]), "loss": r["stage_two"]["loss"]}
     split = {"files": {"train": "/t/train.xyz", "valid": "/t/valid.xyz"}, "e0s": {1: -1.0}}
-    ours = ba.ours_command(split, r, tmp_path / "ours", 0, 16, two)
+    ours = bb.ours_command(split, r, tmp_path / "ours", 0, 16, two)
     assert {"trainer.max_epochs=16", "stage_two.enabled=true", "stage_two.start_epoch=12", "stage_two.lr=0.001",
             "stage_two.loss.energy=1000.0", "stage_two.loss.forces=100.0"} <= set(ours)
-    peer = ba.peer_command(split, r, tmp_path / "peer", 0, 16, two)
+    peer = bb.peer_command(split, r, tmp_path / "peer", 0, 16, two)
     flags = dict(zip(peer, peer[1:]))
     assert "--swa" in peer and flags["--start_swa"] == "12" and flags["--max_num_epochs"] == "16"
     assert (float(flags["--swa_lr"]), float(flags["--swa_energy_weight"]), float(flags["--swa_forces_weight"])) == (1e-3, 1e3, 1e2)
-    assert "--swa" not in ba.peer_command(split, r, tmp_path / "peer", 0)
+    assert "--swa" not in bb.peer_command(split, r, tmp_path / "peer", 0)
     log = tmp_path / "peer" / "logs" / "peer_run-0.log"
     log.parent.mkdir(parents=True)
     line = "2026-01-01 00:00:0{s}.000 INFO: {what}: head: Default, loss=1.0, RMSE_E_per_atom= 5.00 meV, RMSE_F= 50.00 meV / A"
     log.write_text("\n".join([line.format(s=0, what="Initial"), line.format(s=1, what="Epoch 0"),
-                              "2026-01-01 00:00:02.000 INFO: " + ba.MACE_STAGE_TWO, line.format(s=3, what="Epoch 1")]))
-    side = ba.Side("peer", ["true"], {}, tmp_path / "peer", None)
-    events, _ = ba.peer_events(side, 20, 5)
+                              "2026-01-01 00:00:02.000 INFO: " + bb.MACE_STAGE_TWO, line.format(s=3, what="Epoch 1")]))
+    side = bb.Side("peer", ["true"], {}, tmp_path / "peer", None)
+    events, _ = bb.peer_events(side, 20, 5)
     assert [(e["epoch"], e["stage"]) for e in events] == [(-1, 1), (0, 1), (1, 2)]
-    summary = ba.stage_two_summary([dict(e, cpu_s=1.0) for e in events if not e["initial"]], 1)
+    summary = bb.stage_two_summary([dict(e, cpu_s=1.0) for e in events if not e["initial"]], 1)
     assert summary["first_stage_two_epoch"] == 1 and summary["switch_as_configured"] and summary["last_stage_one"]["epoch"] == 0
 
 
