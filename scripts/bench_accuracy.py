@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_budget as bb  # noqa: E402
 import bench_common as bc  # noqa: E402
+import bench_report as rp  # noqa: E402
 
 DEFAULT_WORK = str(bc.REPO / "runs" / "bench_accuracy")
 # --stage-two defaults: the committed stage-one run (docs/benchmarks/accuracy.json, 25 CPU min, Intel Xeon) did 18
@@ -140,7 +141,7 @@ def compare(rows: list[dict]) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------------------------ report
 def plot(payload: dict, png: Path) -> None:
-    fig, axes = bc.new_figure(2, (11, 4.2))
+    fig, axes = rp.new_figure(2, (11, 4.2))
     for r in payload["rows"]:
         pts = [e for e in r.get("curve", []) if not e.get("initial") and not e.get("after_stop")]
         if not pts:
@@ -161,7 +162,7 @@ def plot(payload: dict, png: Path) -> None:
     axes[1].set(xlabel="CPU minutes (user + system)", ylabel="validation energy RMSE (meV/atom)", title="energy")
     st = payload["settings"]
     two = st.get("stage_two")
-    bc.save_figure(fig, axes, png, f"3BPA {st['n_train']}/{st['n_val']}, {st['threads']} thread(s) per side, "
+    rp.save_figure(fig, axes, png, f"3BPA {st['n_train']}/{st['n_val']}, {st['threads']} thread(s) per side, "
                    + (f"stage two from epoch {two['start_epoch']} of {st['max_epochs']}, " if two else "")
                    + f"{payload['machine']['cpu_model']}, {payload['machine']['date'][:10]} UTC")
 
@@ -179,7 +180,7 @@ def stage_two_lines(payload: dict) -> list[str]:
              "Observed switch = first validation that the side itself logged as stage two (ours: the training "
              "module's stage-two flag in the budget log; mace-torch: validations after its 'Changing loss based on "
              "Stage Two Weights' line).", "",
-             bc.markdown_table(
+             rp.markdown_table(
                  ["side", "configured switch epoch", "observed first stage-two epoch", "stage-two validations",
                   "last stage-one epoch", "E / F there (meV/atom, meV/Å)", "final epoch", "final E / F"],
                  [[r["backend"], r["stage_two"]["configured_epoch"], r["stage_two"]["first_stage_two_epoch"]
@@ -203,7 +204,7 @@ def stage_two_lines(payload: dict) -> list[str]:
                 f"{e['cpu_s'] / 60:.2f}" + ("†" if e.get("after_stop") or e["cpu_s"] > st["budget_min"] * 60 else ""),
                 str(e.get("stage", 1)), f"{e['energy_rmse_mev_atom']:.2f}", f"{e['forces_rmse_mev_A']:.1f}"]
         rows.append(row)
-    lines.append(bc.markdown_table(headers, rows))
+    lines.append(rp.markdown_table(headers, rows))
     return lines
 
 
@@ -218,7 +219,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         verdict = "not evaluated (a side has no result: see the status column)"
     two = st.get("stage_two")
     lines = [
-        *bc.report_header("3BPA accuracy at an equal CPU budget: this project vs mace-torch"
+        *rp.report_header("3BPA accuracy at an equal CPU budget: this project vs mace-torch"
                           + (" (two-stage recipe)" if two else ""), payload),
         f"- data: {Path(st['data']).name}, seeded split (seed {st['seed']}) {st['n_train']} train / {st['n_val']} "
         f"validation, written once and read by both sides (`REF_energy`/`REF_forces`); E0s from iso_atoms.xyz",
@@ -236,7 +237,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         "",
         "## Result",
         "",
-        bc.markdown_table(
+        rp.markdown_table(
             ["side", "epochs", "steps", "CPU min at result", "val E RMSE (meV/atom)", "val F RMSE (meV/Å)",
              "best F within budget", "ratio F ours/peer", "parameters", "status"],
             [[r["backend"], r.get("epochs"), r.get("steps"), r.get("cpu_min"), r.get("energy_rmse_mev_atom"),
@@ -256,7 +257,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         "",
         "## Recipe (both sides)",
         "",
-        bc.markdown_table(["setting", "this project", "mace-torch 0.3.16", ""], payload["recipe"]),
+        rp.markdown_table(["setting", "this project", "mace-torch 0.3.16", ""], payload["recipe"]),
     ]
     if png_name:
         lines += ["", f"![validation RMSE vs CPU minutes]({png_name})"]
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
         sides.append(bb.peer_side("peer", split, r, work / "peer", args.seed, args.threads,
                                   cores[offset:offset + args.threads] if pin else None, args.max_epochs, two))
     hp_desc = bc.hp_description(dict(r["model"]), r["batch_size"])
-    payload = bc.base_payload("accuracy", args.threads, hp_desc, peer)
+    payload = rp.base_payload("accuracy", args.threads, hp_desc, peer)
     bb.run_sides(sides, args)
 
     rows, peer_modules = [], None
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
     payload["parameter_comparison"] = bc.parameter_comparison(bb.our_parameters_by_module(split, r), peer_modules)
     if not want_peer:
         rows.append({"side": "peer", "backend": "mace-torch", "status": "skipped", "reason": peer["error"]})
-    payload["machine"]["load_average_end"] = bc.load_average()
+    payload["machine"]["load_average_end"] = rp.load_average()
     payload.update(
         rows=rows, comparison=compare(rows), recipe=recipe_rows(r, two, args.max_epochs), commands={s.name: s.cmd for s in sides},
         settings={"budget_min": args.budget_min, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed,
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
         else:
             print(f"[{row['side']}] {row['status']}: {row.get('reason')}")
     json_path = Path(args.json).with_suffix(".json") if args.json else None
-    bc.write_report_with_plot(payload, json_path, plot, to_markdown)
+    rp.write_report_with_plot(payload, json_path, plot, to_markdown)
     return 0 if any(r["side"] == "ours" and r["status"] == "ok" for r in rows) else 1
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
+import bench_report as rp  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 # Issue 15's inference targets (float32, reference model size): ratios in one run, plus the absolute ones.
@@ -56,7 +57,7 @@ def worker(task: dict) -> dict:
 
     from potentials.calculator import PotentialCalculator
 
-    bc.set_threads(task["threads"])
+    rp.set_threads(task["threads"])
     cfg = task["model_cfg"]
     stats = bc.make_stats(task["atomic_numbers"], task["avg_num_neighbors"], task.get("e0s"))
     model = bc.build_our_model(cfg, stats, seed=task.get("seed", 0))
@@ -86,7 +87,7 @@ def worker(task: dict) -> dict:
         calc = PotentialCalculator(model, device=device, compile=mode in ("compile", "graph"),
                                    lean_edges=10**12 if mode == "graph" else None)
     props = ["energy", "forces"] + (["stress"] if atoms.pbc.any() else [])
-    rss_before = bc.rss_mb()
+    rss_before = rp.rss_mb()
 
     def call():
         calc.calculate(atoms, props, all_changes)  # results are copied to numpy: the device is synchronised
@@ -94,10 +95,10 @@ def worker(task: dict) -> dict:
     t0 = time.perf_counter()
     call()  # first call: includes tracing and compiling in compile mode
     first_call_s = time.perf_counter() - t0
-    times = bc.time_calls(call, max(task.get("warmup", 3) - 1, 0), task.get("repeat", 5))
+    times = rp.time_calls(call, max(task.get("warmup", 3) - 1, 0), task.get("repeat", 5))
     out = {
         "call_times_s": times, "num_atoms": len(atoms), "energy": float(calc.results["energy"]),
-        "rss_before_mb": rss_before, "peak_rss_mb": bc.peak_rss_mb(), "num_parameters": bc.num_parameters(model),
+        "rss_before_mb": rss_before, "peak_rss_mb": rp.peak_rss_mb(), "num_parameters": bc.num_parameters(model),
         "first_call_s": first_call_s, "export_s": export_s,
     }
     if task.get("profile"):
@@ -168,10 +169,10 @@ def run_cell(backend: dict, system: dict, dtype: str, args, repeat: int, warmup:
 
 
 def run(args) -> dict:
-    bc.set_threads(args.threads)
+    rp.set_threads(args.threads)
     peer = bc.peer_info(args.threads) if not args.no_peer else {"error": "disabled with --no-peer"}
     hp_desc = bc.hp_description(args.hp_values)
-    payload = bc.base_payload("md", args.threads, hp_desc, peer)
+    payload = rp.base_payload("md", args.threads, hp_desc, peer)
     payload["settings"] = {
         "sizes_requested": args.sizes, "dtypes": args.dtypes, "repeat": args.repeat, "warmup": args.warmup,
         "systems": args.systems, "budget_s": args.budget_s, "cell_budget_s": args.cell_budget_s,
@@ -220,10 +221,10 @@ def run(args) -> dict:
                 hist = history.get(key, []) if system["periodic"] else []
                 if len(hist) >= 2:
                     ns = [h[0] for h in hist]
-                    t_pred = bc.extrapolate(ns, [h[1] for h in hist], system["num_atoms"])
-                    w_pred = bc.extrapolate(ns, [max(h[2], 1.0) for h in hist], system["num_atoms"])
+                    t_pred = rp.extrapolate(ns, [h[1] for h in hist], system["num_atoms"])
+                    w_pred = rp.extrapolate(ns, [max(h[2], 1.0) for h in hist], system["num_atoms"])
                     m_pred = None if w_pred is None else hist[-1][3] + w_pred
-                    avail = bc.mem_available_mb()
+                    avail = rp.mem_available_mb()
                     if m_pred is not None and m_pred > args.mem_fraction * avail:
                         reason = (f"predicted peak memory {m_pred:,.0f} MB > {args.mem_fraction:g} × available "
                                   f"{avail:,.0f} MB (extrapolated from {ns[-2]} and {ns[-1]} atoms)")
@@ -238,15 +239,15 @@ def run(args) -> dict:
                             row.update(status="skipped", reason=reason)
                             stopped[key] = f"larger than a skipped size ({reason})"
                             continue
-                load0 = bc.load_average()
+                load0 = rp.load_average()
                 raw = run_cell(backend, system, dtype, args, repeat, warmup)
-                row["load_average"] = [load0, bc.load_average()]
+                row["load_average"] = [load0, rp.load_average()]
                 if "error" in raw:
                     row.update(status="error", reason=raw["error"])
                     if system["periodic"]:
                         stopped[key] = f"a smaller size failed: {raw['error']}"
                     continue
-                st = bc.timing_stats(raw["call_times_s"])
+                st = rp.timing_stats(raw["call_times_s"])
                 n = raw["num_atoms"]
                 row.update(
                     status="ok", calls_timed=st["n"], ms_per_call=1e3 * st["median_s"], ms_per_call_min=1e3 * st["min_s"],
@@ -280,7 +281,7 @@ def run(args) -> dict:
     payload["targets"] = targets(rows, payload["scaling"], backends)
     if args.profile:
         payload["profiles"] = profiles(args, systems, backends)
-    payload["machine"]["load_average_end"] = bc.load_average()
+    payload["machine"]["load_average_end"] = rp.load_average()
     return payload
 
 
@@ -291,8 +292,8 @@ def scaling(rows: list[dict], backends: list[dict], dtypes: list[str]) -> list[d
             pts = [r for r in rows if r["backend"] == b["label"] and r.get("dtype") == dtype and r.get("periodic")
                    and r.get("status") == "ok"]
             pts.sort(key=lambda r: r["num_atoms"])
-            fit_t = bc.fit_loglog([r["num_atoms"] for r in pts], [r["ms_per_call"] for r in pts])
-            fit_m = bc.fit_loglog([r["num_atoms"] for r in pts], [r["working_mb"] for r in pts])
+            fit_t = rp.fit_loglog([r["num_atoms"] for r in pts], [r["ms_per_call"] for r in pts])
+            fit_m = rp.fit_loglog([r["num_atoms"] for r in pts], [r["working_mb"] for r in pts])
             out.append({
                 "backend": b["label"], "dtype": dtype, "sizes": [r["num_atoms"] for r in pts],
                 "time_exponent": fit_t["exponent"] if fit_t else None,
@@ -347,7 +348,7 @@ def profiles(args, systems: list[dict], backends: list[dict]) -> list[dict]:
 
 
 def plot(payload: dict, png: Path) -> None:
-    fig, axes = bc.new_figure(3, (15, 4.5))
+    fig, axes = rp.new_figure(3, (15, 4.5))
     for b in payload["variants"]:
         for dtype in payload["settings"]["dtypes"]:
             pts = sorted((r for r in payload["rows"] if r["backend"] == b and r.get("dtype") == dtype
@@ -370,7 +371,7 @@ def plot(payload: dict, png: Path) -> None:
     axes[1].set(xlabel="atoms", ylabel="ms per atom", title="cost per atom (flat = linear scaling)")
     axes[2].set(xlabel="atoms", ylabel="peak RSS of the process (MB)", title="peak memory")
     m = payload["machine"]
-    bc.save_figure(fig, axes, png, f"ASE calculator on fcc Cu: {m['cpu_model']}, torch threads: {m['torch_threads']}, "
+    rp.save_figure(fig, axes, png, f"ASE calculator on fcc Cu: {m['cpu_model']}, torch threads: {m['torch_threads']}, "
                    f"load average at start {m.get('load_average_start', ['?'])[0]} (shared machine), {m['date'][:10]} UTC",
                    fontsize=10)
 
@@ -378,7 +379,7 @@ def plot(payload: dict, png: Path) -> None:
 def to_markdown(payload: dict, png_name: str | None) -> str:
     s = payload["settings"]
     lines = [
-        *bc.report_header("Inference (ASE calculator): this project vs mace-torch", payload),
+        *rp.report_header("Inference (ASE calculator): this project vs mace-torch", payload),
         "- one call = neighbour list + graph + energy + forces (+ stress for periodic cells only, on both sides); "
         f"{s['warmup']} warm-up call(s) and {s['repeat']} timed call(s) per row on both sides at every size (a size "
         "predicted to exceed the cell budget is skipped, never timed with fewer calls); untrained models, random "
@@ -393,7 +394,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         "model included); working = peak − resident memory just before the first call",
         "- speed-up = mace-torch ms/call ÷ this project's ms/call (same system and dtype; > 1 is faster)",
         "",
-        bc.markdown_table(
+        rp.markdown_table(
             ["system", "atoms", "dtype", "backend", "ms/call (median)", "ms/call (min)", "µs/atom", "calls",
              "peak MB", "working MB", "vs mace-torch (medians)", "vs mace-torch (minima)", "÷ eager", "first call s",
              "export s", "status"],
@@ -412,7 +413,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         "",
         "## Scaling (fit of ms/call ∝ atoms^k over the periodic cells)",
         "",
-        bc.markdown_table(
+        rp.markdown_table(
             ["backend", "dtype", "sizes", "time exponent k", "working-memory exponent"],
             [[x["backend"], x["dtype"], ", ".join(str(n) for n in x["sizes"]) or "–", x["time_exponent"],
               x["working_memory_exponent"]] for x in payload["scaling"]],
@@ -420,7 +421,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         "",
         "## Targets of issue 15 (float32)",
         "",
-        bc.markdown_table(
+        rp.markdown_table(
             ["backend", f"≥ {TARGET_SPEEDUP_2048:g}× mace-torch at 2,048", f"≥ {TARGET_SPEEDUP_3BPA:g}× on 3BPA",
              f"exponent ≤ {TARGET_EXPONENT}", f"≤ {TARGET_MS_PER_ATOM_2048} ms/atom at 2,048",
              f"peak ≤ {TARGET_PEAK_MB_2048:g} MB at 2,048"],
@@ -460,7 +461,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="this project's rows only (mace-torch runs on the CPU)")
     p.add_argument("--export-only", default=None, help="comma-separated back ends that get an export row (default: all)")
     p.add_argument("--modes", default="eager", help="comma-separated: eager, compile, graph, export (see bench_common.with_modes)")
-    p.add_argument("--threads", type=int, default=bc.available_cores())
+    p.add_argument("--threads", type=int, default=rp.available_cores())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated variant labels of this project to run")
@@ -495,7 +496,7 @@ def main(argv=None) -> int:
     if args.worker:
         return bc.worker_main(worker)
     payload = run(args)
-    bc.write_report_with_plot(payload, args.json, plot, to_markdown)
+    rp.write_report_with_plot(payload, args.json, plot, to_markdown)
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_common as bc  # noqa: E402
+import bench_report as rp  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed")
 
@@ -42,7 +43,7 @@ def run(args) -> dict:
     from potentials.data.graph import collate
     from potentials.models import build_model, energy_forces_stress
 
-    bc.set_threads(args.threads)
+    rp.set_threads(args.threads)
     demo = ensure_demo_data(args.demo_path, n_structures=max(args.batch_size, 8) if args.quick else 300)
     ds = GraphDataset.from_files([demo], 4.5)
     batch = collate([ds[i] for i in range(args.batch_size)]).to(args.device)
@@ -82,8 +83,8 @@ def run(args) -> dict:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
 
-            times = bc.time_calls(step, warmup=2, repeat=args.steps)
-            row.update(bc.timing_stats(times))
+            times = rp.time_calls(step, warmup=2, repeat=args.steps)
+            row.update(rp.timing_stats(times))
             row["steps_per_s"] = 1.0 / row["median_s"]
             rows.append(row)
         base = {r["engine"]: r for r in rows if r["precision"] == "fp32" and "steps_per_s" in r}
@@ -91,7 +92,7 @@ def run(args) -> dict:
             if "steps_per_s" in r and r["engine"] in base:
                 r["speedup_vs_fp32"] = r["steps_per_s"] / base[r["engine"]]["steps_per_s"]
                 r["force_err_ratio_vs_fp32"] = r["force_rmse_vs_f64"] / max(base[r["engine"]]["force_rmse_vs_f64"], 1e-30)
-    return {"schema_version": bc.SCHEMA_VERSION, "benchmark": "precision", "machine": bc.machine_info(args.threads),
+    return {"schema_version": rp.SCHEMA_VERSION, "benchmark": "precision", "machine": rp.machine_info(args.threads),
             "command": " ".join(sys.argv), "batch_structures": args.batch_size, "hyperparameters": hp, "rows": rows}
 
 
@@ -109,9 +110,9 @@ def markdown(payload: dict) -> str:
         if "skipped" in r:
             table.append([r["engine"], r["precision"], "–", "–", "–", "–", r["skipped"]])
         else:
-            table.append([r["engine"], r["precision"], bc.fmt(r["steps_per_s"]), bc.fmt(r.get("speedup_vs_fp32")),
-                          bc.fmt(r["force_rmse_vs_f64"]), bc.fmt(r.get("force_err_ratio_vs_fp32")), ""])
-    lines.append(bc.markdown_table(
+            table.append([r["engine"], r["precision"], rp.fmt(r["steps_per_s"]), rp.fmt(r.get("speedup_vs_fp32")),
+                          rp.fmt(r["force_rmse_vs_f64"]), rp.fmt(r.get("force_err_ratio_vs_fp32")), ""])
+    lines.append(rp.markdown_table(
         ["engine", "precision", "steps/s", "× fp32", "force RMSE vs f64 (eV/Å)", "error × fp32", "note"], table))
     return "\n".join(lines) + "\n"
 
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     payload["wall_s"] = time.time() - t0
     md = markdown(payload)
     print(md)
-    bc.write_report(payload, args.json, md)
+    rp.write_report(payload, args.json, md)
     return 0
 
 

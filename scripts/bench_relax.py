@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
+import bench_report as rp  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 
@@ -49,7 +50,7 @@ def worker(task: dict) -> dict:
 
     from potentials.calculator import PotentialCalculator, model_from_checkpoint
 
-    bc.set_threads(task["threads"])
+    rp.set_threads(task["threads"])
     if task.get("checkpoint"):
         model = model_from_checkpoint(task["checkpoint"], dtype=task["dtype"])
     else:
@@ -203,9 +204,9 @@ def median(xs):
 
 
 def run(args) -> dict:
-    bc.set_threads(args.threads)
+    rp.set_threads(args.threads)
     peer = bc.peer_info(args.threads) if not args.no_peer else {"error": "disabled with --no-peer"}
-    payload = bc.base_payload("relax", args.threads, bc.hp_description(args.hp_values), peer)
+    payload = rp.base_payload("relax", args.threads, bc.hp_description(args.hp_values), peer)
     payload["settings"] = {
         "systems": args.systems, "cell": args.cell, "optimizer": args.optimizer, "fmax": args.fmax,
         "steps": args.steps, "dtype": args.dtype, "checkpoint": args.ckpt, "peer_model": args.peer_model,
@@ -288,14 +289,14 @@ def run(args) -> dict:
                 if r.get("cpu_s") and p.get("cpu_s"):
                     r[f"cpu_speedup_vs_{key}"] = p["cpu_s"] / r["cpu_s"]
     payload["variants"] = list(dict.fromkeys(labels))
-    payload["machine"]["load_average_end"] = bc.load_average()
+    payload["machine"]["load_average_end"] = rp.load_average()
     return payload
 
 
 def to_markdown(payload: dict) -> str:
     s = payload["settings"]
     lines = [
-        *bc.report_header("Relaxations: this project vs mace-torch", payload),
+        *rp.report_header("Relaxations: this project vs mace-torch", payload),
         (f"- {s['optimizer']}, fmax {s['fmax']} eV/Å, at most {s['steps']} steps" if s["fmax"] > 0 else
          f"- {s['optimizer']}, a fixed {s['steps']} steps (fmax 0: untrained models have no meaningful minimum, so "
          "both sides do the same number of optimiser steps and the wall times compare directly)")
@@ -311,7 +312,7 @@ def to_markdown(payload: dict) -> str:
         "RMSEs recomputed from the relaxed model files on the validation frames (energy per atom, force components, "
         "stress components of the 3×3 tensor)",
         "",
-        bc.markdown_table(
+        rp.markdown_table(
             ["system", "atoms", "backend", "val F meV/Å", "val E meV/at", "val S meV/Å³", "steps", "calls", "converged",
              "wall s", "CPU s", "ms/call", "CPU ms/call", "final fmax eV/Å", "wall ×mace-torch", "CPU ×mace-torch",
              "wall ×our MACE", "CPU ×our MACE", "status"],
@@ -349,7 +350,7 @@ def parse_args(argv=None):
                    help="write the Cu–Au EMT train/valid split (demo generator) to DIR and exit")
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-val", type=int, default=50)
-    p.add_argument("--threads", type=int, default=bc.available_cores())
+    p.add_argument("--threads", type=int, default=rp.available_cores())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated variant labels of this project to run")
@@ -394,7 +395,7 @@ def main(argv=None) -> int:
         print(write_demo_split(args.write_cuau_data, args.n_train, args.n_val, seed=args.seed))
         return 0
     payload = run(args)
-    bc.write_report(payload, args.json, to_markdown(payload))
+    rp.write_report(payload, args.json, to_markdown(payload))
     return 0
 
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_budget as bb  # noqa: E402
 import bench_common as bc  # noqa: E402
+import bench_report as rp  # noqa: E402
 
 EXPERIMENTS = {"facet_s": "3bpa_facet_s_cpu_budget", "mace": "3bpa_mace_cpu_budget"}
 PEER = "mace_torch"  # bench_accuracy.py's peer run: mace_run_train at the 3bpa_mace_cpu_budget recipe
@@ -148,7 +149,7 @@ def rmse_at(curve: list[dict], cpu_min: float) -> float | str:
 
 
 def plot(payload: dict, png: Path) -> None:
-    fig, axes = bc.new_figure(2, (11, 4.2))
+    fig, axes = rp.new_figure(2, (11, 4.2))
     for r in payload["rows"]:
         pts = [e for e in r.get("curve", []) if not e.get("after_stop") and not e.get("initial")]
         if not pts:
@@ -162,7 +163,7 @@ def plot(payload: dict, png: Path) -> None:
     axes[0].set(xlabel="CPU minutes (user + system)", ylabel="validation force RMSE (meV/Å)", title="forces")
     axes[1].set(xlabel="CPU minutes (user + system)", ylabel="validation energy RMSE (meV/atom)", title="energy")
     st = payload["settings"]
-    bc.save_figure(fig, axes, png, f"3BPA {st['n_train']}/{st['n_val']}, {st['budget_min']:g} CPU min per model, "
+    rp.save_figure(fig, axes, png, f"3BPA {st['n_train']}/{st['n_val']}, {st['budget_min']:g} CPU min per model, "
                    f"{st['threads']} thread(s), {payload['machine']['date'][:10]} UTC")
 
 
@@ -179,7 +180,7 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
                      r["status"] + (f": {r['reason']}" if r.get("reason") else "")])
     lines = [
         "# 3BPA time to accuracy: Facet-S vs our MACE vs mace-torch (CPU time to reach a validation force RMSE)", "",
-        f"Command: `{payload['command']}`", "", bc.machine_markdown(payload["machine"], payload["peer"]),
+        f"Command: `{payload['command']}`", "", rp.machine_markdown(payload["machine"], payload["peer"]),
         "- models: " + "; ".join(f"{m} = `+experiment={e}`" for m, e in payload["hyperparameters"]["experiments"].items())
         + " (one recipe: loss 1·E + 1000·F, AMSGrad lr 0.01, batch 5, EMA 0.99, plateau 0.8/5, float64)"
         + ("; mace_torch = `mace_run_train` with the flags of the same `3bpa_mace_cpu_budget` recipe, built by "
@@ -196,12 +197,12 @@ def to_markdown(payload: dict, png_name: str | None) -> str:
         "",
         "## Result",
         "",
-        bc.markdown_table(["model", "parameters", "epochs", "CPU min at result", "val E RMSE (meV/atom)",
+        rp.markdown_table(["model", "parameters", "epochs", "CPU min at result", "val E RMSE (meV/atom)",
                            "val F RMSE (meV/Å)", "best F"] + [f"CPU min to F ≤ {t}" for t in targets] + ["status"], rows),
     ]
     marks = [round(st["budget_min"] * k / 4, 2) for k in (1, 2, 3, 4)]
     lines += ["", "Validation force RMSE (meV/Å) at equal CPU time (last validation at or before the mark):", "",
-              bc.markdown_table(["model"] + [f"{m:g} CPU min" for m in marks],
+              rp.markdown_table(["model"] + [f"{m:g} CPU min" for m in marks],
                                 [[r["label"], *[rmse_at(r.get("curve", []), m) for m in marks]]
                                  for r in payload["rows"] if r.get("curve")])]
     if payload.get("parameter_comparison"):
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--post-only: {path} not found")
         payload = json.loads(path.read_text())
         post_measurements(payload, Path(payload["settings"]["work_dir"]), str(Path(payload["settings"]["work_dir"]) / "valid.xyz"))
-        bc.write_report_with_plot(payload, path.with_suffix(".json"), plot, to_markdown)
+        rp.write_report_with_plot(payload, path.with_suffix(".json"), plot, to_markdown)
         return 0
     if args.report_only:
         import json
@@ -297,7 +298,7 @@ def main(argv=None) -> int:
         path = Path(args.report_only)
         if not path.is_file():
             raise SystemExit(f"--report-only: {path} not found")
-        bc.write_report_with_plot(json.loads(path.read_text()), path.with_suffix(".json"), plot, to_markdown)
+        rp.write_report_with_plot(json.loads(path.read_text()), path.with_suffix(".json"), plot, to_markdown)
         return 0
     work = Path(args.work_dir).resolve()
     split = bb.write_split(Path(args.data), work, args.n_train, args.n_val, args.seed)
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
                              out_dir, cores))
     hp = {"experiments": {m: EXPERIMENTS[m] for m in args.models if m in EXPERIMENTS},
           "peer_command": {s.name: s.cmd for s in sides if s.name == PEER}}
-    payload = bc.base_payload("time_to_accuracy", args.threads, hp,
+    payload = rp.base_payload("time_to_accuracy", args.threads, hp,
                               bc.peer_info(args.threads) if want_peer else {"error": peer_reason if peer_ok is False
                                                                             else f"{PEER} not in --models"})
     bb.run_sides(sides, args)
@@ -336,7 +337,7 @@ def main(argv=None) -> int:
                      "reason": peer_reason if PEER in args.models else f"not in --models ({','.join(args.models)})"})
     if peer_modules and "mace" in args.models:
         payload["parameter_comparison"] = bc.parameter_comparison(bb.our_parameters_by_module(split, r), peer_modules)
-    payload["machine"]["load_average_end"] = bc.load_average()
+    payload["machine"]["load_average_end"] = rp.load_average()
     payload.update(rows=rows)
     post_measurements(payload, work, split["files"]["valid"])
     payload.update(commands={s.name: s.cmd for s in sides}, settings={
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
               f"time to targets {r.get('time_to_target_cpu_min')}; params {r.get('num_parameters')}")
     if payload.get("facet_equivariance"):
         print(f"[facet equivariance after training] {payload['facet_equivariance']}")
-    bc.write_report_with_plot(payload, Path(args.json).with_suffix(".json") if args.json else None, plot, to_markdown)
+    rp.write_report_with_plot(payload, Path(args.json).with_suffix(".json") if args.json else None, plot, to_markdown)
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 
 

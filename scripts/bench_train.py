@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
+import bench_report as rp  # noqa: E402
 
 # Issue 15's training-throughput targets (ratio of structures/s vs mace-torch, same dtype and hyper-parameters),
 # keyed by the row labels of bench_common.our_variants() (tests/test_benchmarks.py checks every key is one); they
@@ -149,7 +150,7 @@ def time_peer(dtype: str, data: dict, args) -> dict:
 def summarise(raw: dict) -> dict:
     """Throughput = structures (atoms) of all timed steps ÷ their total time: batches differ in size (demo
     cells have 8–32 atoms), and both sides time the very same batches in the same order."""
-    st = bc.timing_stats(raw["step_times_s"])
+    st = rp.timing_stats(raw["step_times_s"])
     total = sum(raw["step_times_s"])
     return {
         "ms_per_step": 1e3 * st["median_s"], "ms_per_step_min": 1e3 * st["min_s"], "ms_per_step_mean": 1e3 * st["mean_s"],
@@ -162,10 +163,10 @@ def summarise(raw: dict) -> dict:
 
 
 def run(args) -> dict:
-    bc.set_threads(args.threads)
+    rp.set_threads(args.threads)
     peer = bc.peer_info(args.threads) if not args.no_peer else {"error": "disabled with --no-peer"}
     hp_desc = bc.hp_description(args.hp_values, args.batch_size)
-    payload = bc.base_payload("train", args.threads, hp_desc, peer)
+    payload = rp.base_payload("train", args.threads, hp_desc, peer)
     payload["settings"] = {
         "datasets": args.datasets, "dtypes": args.dtypes, "steps": args.steps, "warmup": args.warmup,
         "n_structures": args.n_structures, "batch_size": args.batch_size, "loss_weights": LOSS,
@@ -190,18 +191,18 @@ def run(args) -> dict:
             if args.no_peer or "error" in peer:
                 peer_row.update(status="skipped", reason=peer.get("error", "disabled"))
             else:
-                load0 = bc.load_average()
+                load0 = rp.load_average()
                 raw = time_peer(dtype, data, args)
                 if "error" in raw:
                     peer_row.update(status="error", reason=raw["error"])
                 else:
                     peer_row.update(status="ok", **summarise(raw))
-                peer_row["load_average"] = [load0, bc.load_average()]
+                peer_row["load_average"] = [load0, rp.load_average()]
             rows.append(peer_row)
             print(f"[{ds_name} {dtype}] mace-torch: {peer_row.get('structures_per_s', peer_row.get('reason'))}", flush=True)
             for variant in variants:
                 row = {**common, "backend": variant["label"], "side": "ours", "model_cfg": dict(variant["cfg"])}
-                load0 = bc.load_average()
+                load0 = rp.load_average()
                 try:
                     raw = time_ours(variant, dtype, data, args)
                     row.update(status="ok", **summarise(raw))
@@ -209,7 +210,7 @@ def run(args) -> dict:
                         row["hp_not_taken"] = raw["hp_not_taken"]
                 except Exception as exc:  # one broken back end must not stop the benchmark
                     row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
-                row["load_average"] = [load0, bc.load_average()]
+                row["load_average"] = [load0, rp.load_average()]
                 if row["status"] == "ok" and peer_row.get("status") == "ok":
                     row["ratio_vs_peer"] = row["structures_per_s"] / peer_row["structures_per_s"]
                     target = target_for(variant["label"])
@@ -239,14 +240,14 @@ def run(args) -> dict:
                 except Exception as exc:
                     table = f"profile failed: {type(exc).__name__}: {exc}"
                 payload["profiles"].append({"backend": variant["label"], "dataset": ds_name, "dtype": dtype, "table": table})
-    payload["machine"]["load_average_end"] = bc.load_average()
+    payload["machine"]["load_average_end"] = rp.load_average()
     return payload
 
 
 def to_markdown(payload: dict) -> str:
     s = payload["settings"]
     lines = [
-        *bc.report_header("Training throughput: this project vs mace-torch", payload),
+        *rp.report_header("Training throughput: this project vs mace-torch", payload),
         "- step: forward + forces (+ stress on periodic data) by autograd + weighted loss "
         f"(energy/atom {LOSS['energy']}, forces {LOSS['forces']}, stress {LOSS['stress']}) + backward + "
         f"{s['optimizer']}; batches pre-collated; {s['warmup']} warm-up step(s), {s['steps']} timed step(s) per row; "
@@ -255,7 +256,7 @@ def to_markdown(payload: dict) -> str:
         "on both sides); ratio = this project's structures/s ÷ mace-torch's (same dataset, dtype, hyper-parameters; "
         "> 1 is faster)",
         "",
-        bc.markdown_table(
+        rp.markdown_table(
             ["dataset", "dtype", "backend", "structures/s", "atoms/s", "ms/step (median)", "ms/step (min)",
              "params", "ratio vs mace-torch", "target", "compiled ÷ eager (throughput / min step)", "first step s",
              "status"],
@@ -328,7 +329,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="eager", help="comma-separated: eager, compile (model.compile=true)")
     p.add_argument("--batch-size", type=int, default=bc.REFERENCE_BATCH_SIZE)
     p.add_argument("--n-structures", type=int, default=None, help="structures per dataset (default 50; --quick 20)")
-    p.add_argument("--threads", type=int, default=bc.available_cores())
+    p.add_argument("--threads", type=int, default=rp.available_cores())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peer", action="store_true", help="skip mace-torch")
     p.add_argument("--only", default=None, help="comma-separated variant labels of this project to run")
@@ -356,7 +357,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     payload = run(args)
-    bc.write_report(payload, args.json, to_markdown(payload))
+    rp.write_report(payload, args.json, to_markdown(payload))
     return 0
 
 

@@ -44,8 +44,9 @@ import numpy as np  # noqa: E402
 
 from potentials.io import atomic_path, atomic_write_text  # noqa: E402
 
-from bench_common import (  # noqa: E402
-    REFERENCE_HP, REPO, command_line, fmt, machine_info, machine_markdown, markdown_table, time_calls, timing_stats, write_report,
+from bench_common import REFERENCE_HP  # noqa: E402
+from bench_report import (  # noqa: E402
+    REPO, command_line, fmt, machine_info, machine_markdown, markdown_table, time_calls, timing_stats, write_report,
 )
 
 LATTICE_A = {"Cu": 3.61, "Au": 4.08}

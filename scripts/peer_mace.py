@@ -32,9 +32,10 @@ os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402  (stdlib-only at import time, so it loads in the peer venv too)
+import bench_report as rp  # noqa: E402
 
 
-rss_mb, peak_rss_mb = bc.rss_mb, bc.peak_rss_mb  # stdlib-only helpers shared with our side
+rss_mb, peak_rss_mb = rp.rss_mb, rp.peak_rss_mb  # stdlib-only helpers shared with our side
 
 
 def build_model(hp: dict, atomic_numbers: list[int], e0s: dict, avg_num_neighbors: float, scale: float, shift: float):

@@ -20,6 +20,7 @@ HAS_3BPA = (SHARED_DATA / "3BPA" / "train_300K.xyz").is_file()
 
 sys.path.insert(0, str(SCRIPTS))
 import bench_common as bc  # noqa: E402
+import bench_report as rp  # noqa: E402
 
 
 def run_script(name: str, out_json, *args: str, timeout: float = 900) -> dict:
@@ -34,11 +35,11 @@ def run_script(name: str, out_json, *args: str, timeout: float = 900) -> dict:
 
 def positive(row: dict, *keys: str) -> None:
     for key in keys:
-        assert bc.is_pos_finite(row.get(key)), (key, row.get(key), row)
+        assert rp.is_pos_finite(row.get(key)), (key, row.get(key), row)
 
 
 def check_common(payload: dict, benchmark: str) -> list[dict]:
-    assert payload["schema_version"] == bc.SCHEMA_VERSION
+    assert payload["schema_version"] == rp.SCHEMA_VERSION
     assert payload["benchmark"] == benchmark
     assert payload["command"].startswith(f"python scripts/bench_{benchmark}.py")
     m = payload["machine"]
@@ -66,16 +67,16 @@ def check_common(payload: dict, benchmark: str) -> list[dict]:
 
 
 def test_helpers():
-    fit = bc.fit_loglog([10, 100, 1000], [2 * 10**1.5, 2 * 100**1.5, 2 * 1000**1.5])
+    fit = rp.fit_loglog([10, 100, 1000], [2 * 10**1.5, 2 * 100**1.5, 2 * 1000**1.5])
     assert math.isclose(fit["exponent"], 1.5, rel_tol=1e-9) and math.isclose(fit["prefactor"], 2.0, rel_tol=1e-9)
-    assert bc.fit_loglog([10], [1.0]) is None
-    assert math.isclose(bc.extrapolate([1, 2], [1.0, 4.0], 4), 16.0)  # quadratic stays quadratic
-    assert math.isclose(bc.extrapolate([1, 2], [1.0, 1.0], 4), 2.0)  # never predicted below linear
-    assert bc.extrapolate([1], [1.0], 4) is None
-    st = bc.timing_stats([3.0, 1.0, 2.0, 10.0])
+    assert rp.fit_loglog([10], [1.0]) is None
+    assert math.isclose(rp.extrapolate([1, 2], [1.0, 4.0], 4), 16.0)  # quadratic stays quadratic
+    assert math.isclose(rp.extrapolate([1, 2], [1.0, 1.0], 4), 2.0)  # never predicted below linear
+    assert rp.extrapolate([1], [1.0], 4) is None
+    st = rp.timing_stats([3.0, 1.0, 2.0, 10.0])
     assert st["median_s"] == 2.5 and st["min_s"] == 1.0 and st["n"] == 4
     assert bc.cells_for_sizes([108, 500, 2048, 10976]) == [3, 5, 8, 14]
-    table = bc.markdown_table(["a", "b"], [["x", 1.23456], ["y", None]])
+    table = rp.markdown_table(["a", "b"], [["x", 1.23456], ["y", None]])
     assert table.splitlines()[2] == "| x | 1.23 |" and "–" in table
     assert bc.parse_hp_overrides(["channels=8", "radial_hidden=[16,16]"]) == {"channels": 8, "radial_hidden": [16, 16]}
     with pytest.raises(SystemExit):
@@ -149,7 +150,7 @@ def test_bench_precision_smoke(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads(out.read_text())
-    assert payload["schema_version"] == bc.SCHEMA_VERSION and payload["benchmark"] == "precision"
+    assert payload["schema_version"] == rp.SCHEMA_VERSION and payload["benchmark"] == "precision"
     rows = payload["rows"]
     assert {r["engine"] for r in rows} == {"cg", "gaunt_grid"}
     measured = [r for r in rows if "skipped" not in r]
@@ -170,7 +171,7 @@ def test_bench_accuracy_smoke(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads(out.read_text())
-    assert payload["schema_version"] == bc.SCHEMA_VERSION and payload["benchmark"] == "accuracy"
+    assert payload["schema_version"] == rp.SCHEMA_VERSION and payload["benchmark"] == "accuracy"
     assert payload["command"].startswith("python scripts/bench_accuracy.py")
     assert payload["hyperparameters"]["is_reference"] is True
     st = payload["settings"]
@@ -181,7 +182,7 @@ def test_bench_accuracy_smoke(tmp_path):
     positive(ours, "forces_rmse_mev_A", "energy_rmse_mev_atom", "cpu_min", "epochs", "steps", "num_parameters")
     assert ours["cpu_min"] <= st["budget_min"] and ours["stopped_by"] == "budget"
     curve = [e for e in ours["curve"] if not e.get("initial")]
-    assert curve and all(bc.is_pos_finite(e["cpu_s"]) for e in curve)
+    assert curve and all(rp.is_pos_finite(e["cpu_s"]) for e in curve)
     assert [e["cpu_s"] for e in curve] == sorted(e["cpu_s"] for e in curve)
     if PEER:
         assert rows["peer"]["status"] == "ok", rows["peer"]
