@@ -28,7 +28,9 @@ from bench_report import REPO, peak_rss_mb  # the repository on sys.path too
 PEER_VENV = REPO / "peer-venv"
 PEER_PYTHON = PEER_VENV / "bin" / "python"
 PEER_SCRIPT = REPO / "scripts" / "peer_mace.py"
-DEFAULT_3BPA = REPO.parent / "shared" / "data" / "3BPA" / "train_300K.xyz"
+# the real data samples: ../shared/data beside the checkout, or $POTENTIALS_SHARED_DATA (as the tests read them)
+SHARED_DATA = Path(os.environ.get("POTENTIALS_SHARED_DATA") or REPO.parent / "shared" / "data")
+DEFAULT_3BPA = SHARED_DATA / "3BPA" / "train_300K.xyz"
 DEFAULT_DEMO = REPO / "data" / "demo" / "cuau_emt.extxyz"
 DOCS = REPO / "docs" / "benchmarks"
 

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 from potentials.io import atomic_path, atomic_write_text  # noqa: E402
 
-from bench_common import REFERENCE_HP  # noqa: E402
+from bench_common import REFERENCE_HP, SHARED_DATA  # noqa: E402
 from bench_report import REPO, command_line, machine_info, time_calls, timing_stats, write_report  # noqa: E402
 from bench_uncertainty_report import cost_markdown, plot, to_markdown  # noqa: E402
 
@@ -284,7 +284,7 @@ def cost_structures() -> dict:
     atoms.numbers[rng.permutation(len(atoms))[: len(atoms) // 2]] = 79
     atoms.rattle(0.05, seed=1)
     out = {"Cu-Au cell": atoms}
-    mol = Path(os.environ.get("POTENTIALS_SHARED_DATA") or REPO.parent / "shared" / "data") / "3BPA" / "train_300K.xyz"
+    mol = SHARED_DATA / "3BPA" / "train_300K.xyz"
     if mol.exists():
         import ase.io
 
