@@ -1,6 +1,10 @@
 """Memory-lean compiled inference: the eager chunk loops of :func:`~potentials.nn.ops.fused_inference`, with each
 chunk body (edge messages, per-node product basis) and its backward compiled for one static chunk shape.
 
+Measured at 2,048 fcc Cu atoms (reference MACE, float32, 1 thread, one process, idle machine): eager 2.71 s per
+call; edge kernels only 2.02 s; edge (2,048) + product-basis (512 atoms) kernels 1.46 s — the default; 8,192-edge
+chunks 3.10 s, 512-edge chunks 1.98 s (edge kernels only).
+
 The whole-graph compile of :mod:`potentials.models.compiled` keeps every per-edge tensor of the forward pass alive
 for the force backward (7.7 GB at 2,048 fcc Cu atoms for the reference MACE in float32). The eager memory-lean
 path walks the edges in chunks and recomputes each chunk's messages in the backward pass, so nothing per edge is
@@ -30,7 +34,7 @@ from potentials.nn.ops import tracing
 log = logging.getLogger(__name__)
 
 EDGE_CHUNK = 2048  # edges per compiled message kernel call
-NODE_CHUNK = None  # atoms per compiled product-basis kernel call; None: the eager per-node path (faster, see below)
+NODE_CHUNK = 512  # atoms per compiled product-basis kernel call (None: the eager per-node path)
 
 
 class ChunkKernels:
