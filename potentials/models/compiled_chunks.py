@@ -1,9 +1,9 @@
 """Memory-lean compiled inference: the eager chunk loops of :func:`~potentials.nn.ops.fused_inference`, with each
 chunk body (edge messages, per-node product basis) and its backward compiled for one static chunk shape.
 
-Measured at 2,048 fcc Cu atoms (reference MACE, float32, 1 thread, one process, idle machine): eager 2.71 s per
-call; edge kernels only 2.02 s; edge (2,048) + product-basis (512 atoms) kernels 1.46 s — the default; 8,192-edge
-chunks 3.10 s, 512-edge chunks 1.98 s (edge kernels only).
+Measured at 2,048 fcc Cu atoms (reference MACE, float32, 1 thread, idle machine; ±20 % between processes): eager
+2.7 s per call; edge kernels only 2.0 s; edge (2,048) + product-basis (512 atoms) kernels 1.5–2.2 s — the default;
+8,192-edge chunks 3.1 s, 512-edge chunks 2.0 s (edge kernels only). docs/benchmarks/md_lean.md has the benchmark.
 
 The whole-graph compile of :mod:`potentials.models.compiled` keeps every per-edge tensor of the forward pass alive
 for the force backward (7.7 GB at 2,048 fcc Cu atoms for the reference MACE in float32). The eager memory-lean
