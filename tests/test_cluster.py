@@ -22,28 +22,37 @@ MODEL_ARGS = [f"model.{k}={v}" for k, v in TINY_MODEL.items() if k not in ("name
 ]
 
 
-@pytest.fixture(scope="module")
-def uniform_data(tmp_path_factory):
-    """24 eight-atom Cu–Au structures (equal sizes make per-rank means equal global means under DDP)."""
+def write_emt_frames(path: Path, structures) -> Path:
+    """Label ``structures`` (ASE Atoms) with EMT energy, forces and stress and write them as extxyz to ``path``."""
     import ase.io
-    from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
-    import numpy as np
 
-    rng = np.random.default_rng(0)
     frames = []
-    for i in range(24):
-        atoms = bulk("Cu", "fcc", a=3.7).repeat((2, 2, 2))
-        atoms.numbers[rng.permutation(8)[: 1 + i % 4]] = 79
-        atoms.rattle(0.08, seed=i)
+    for atoms in structures:
         atoms.calc = EMT()
         e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
         atoms.calc = SinglePointCalculator(atoms, energy=e, forces=f, stress=s)
         frames.append(atoms)
-    path = tmp_path_factory.mktemp("uniform") / "uniform.extxyz"
     ase.io.write(path, frames, format="extxyz")
     return path
+
+
+@pytest.fixture(scope="module")
+def uniform_data(tmp_path_factory):
+    """24 eight-atom Cu–Au structures (equal sizes make per-rank means equal global means under DDP)."""
+    from ase.build import bulk
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def structure(i):
+        atoms = bulk("Cu", "fcc", a=3.7).repeat((2, 2, 2))
+        atoms.numbers[rng.permutation(8)[: 1 + i % 4]] = 79
+        atoms.rattle(0.08, seed=i)
+        return atoms
+
+    return write_emt_frames(tmp_path_factory.mktemp("uniform") / "uniform.extxyz", (structure(i) for i in range(24)))
 
 
 def train_cmd(data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -183,25 +192,18 @@ def test_ddp_two_processes_matches_one_process(uniform_data, tmp_path):
 @pytest.fixture(scope="module")
 def unequal_data(tmp_path_factory):
     """22 Cu–Au structures of 4, 8 or 12 atoms (unequal sizes: per-rank batches differ in atoms and edges)."""
-    import ase.io
     import numpy as np
     from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
 
     rng = np.random.default_rng(1)
-    frames = []
-    for i in range(22):
+
+    def structure(i):
         atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((1, 1, 1 + i % 3))
         atoms.numbers[rng.permutation(len(atoms))[: 1 + i % 3]] = 79
         atoms.rattle(0.08, seed=100 + i)
-        atoms.calc = EMT()
-        e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
-        atoms.calc = SinglePointCalculator(atoms, energy=e, forces=f, stress=s)
-        frames.append(atoms)
-    path = tmp_path_factory.mktemp("unequal") / "unequal.extxyz"
-    ase.io.write(path, frames, format="extxyz")
-    return path
+        return atoms
+
+    return write_emt_frames(tmp_path_factory.mktemp("unequal") / "unequal.extxyz", (structure(i) for i in range(22)))
 
 
 def test_ddp_interrupted_shuffled_run_resumes_bit_identical(unequal_data, tmp_path):
