@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from potentials.models.compiled import INFERENCE_OPTIONS, _decompositions
-from potentials.nn.ops import tracing
+from potentials.nn.ops import input_vjp, tracing
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,9 @@ class ChunkKernels:
         padded, k = _pad(inputs + [grad], rows)
         if kernel is None:
 
-            def body(*args):
-                ins = [t.detach().requires_grad_(n) for t, n in zip(args[:-1], need)]
-                with torch.enable_grad():
-                    out = fn(*ins)
-                wanted = [t for t, n in zip(ins, need) if n]
-                grads = torch.autograd.grad(out, wanted, args[-1], allow_unused=True)
-                return tuple(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, wanted))
+            def body(*args):  # unused inputs get zeros: a compiled graph returns tensors only
+                grads = input_vjp(fn, args[:-1], need, args[-1])
+                return tuple(g if g is not None else torch.zeros_like(t) for g, t, n in zip(grads, args, need) if n)
 
             kernel = self._compile(body, padded, key)
         grads = iter(kernel(*padded))

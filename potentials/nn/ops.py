@@ -77,13 +77,20 @@ def _eager_forward(owner, fn, inputs, rows):
     return fn(*inputs)
 
 
-def _eager_vjp(owner, fn, inputs, need, grad, rows):
+def input_vjp(fn, inputs, need, grad) -> list:
+    """Recompute ``fn(*inputs)`` and return its gradients contracted with ``grad`` with respect to the inputs flagged
+    in ``need`` (``None`` for the others and for inputs ``fn`` does not use). Used eagerly by the chunk loops and
+    traced into the compiled backward kernels of :mod:`potentials.models.compiled_chunks`."""
     inputs = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
     with torch.enable_grad():
         out = fn(*inputs)
     wanted = [t for t, n in zip(inputs, need) if n]
     grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
     return [next(grads) if n else None for n in need]
+
+
+def _eager_vjp(owner, fn, inputs, need, grad, rows):
+    return input_vjp(fn, inputs, need, grad)
 
 
 def _runner():
